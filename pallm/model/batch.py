@@ -1,0 +1,214 @@
+"""Turn (audio, prompt[, completion]) into model inputs, and sample completions.
+
+The processor does the model-specific part: it renders the chat template's single `<|AUDIO|>`
+into one placeholder per encoder output (25 per second of audio) and pads mel features to the
+encoder's fixed window. We add what training and RL need on top: truncation of long clips,
+completion tokens with a loss mask, the padding side, and generation that can never emit audio
+tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import BatchFeature, GenerationConfig
+
+from pallm.errors import PallmError
+from pallm.model.families import family_of
+from pallm.model.tokenizer import ENDOFTEXT
+
+IGNORE_INDEX = -100  # label value that CrossEntropyLoss (and HF's loss) skips
+# Clips are padded to >= 0.1 s: with fewer than 2 audio placeholders in the whole batch the
+# Qwen2-Audio forward silently switches to its legacy (unexpanded) merge path.
+MIN_AUDIO_SECONDS = 0.1
+
+_truncation_warned: set[int] = set()  # window lengths (samples) already warned about, once each
+
+
+def prepare_audio(processor, audios: Sequence[np.ndarray], max_audio_seconds: float | None = None) -> list[np.ndarray]:
+    """Validate mono float32 clips at the processor's rate; cut clips longer than the encoder window
+    (or `max_audio_seconds`, if smaller), warning once per process; pad very short clips."""
+    fe = processor.feature_extractor
+    sr = int(fe.sampling_rate)
+    limit = int(fe.n_samples)  # the encoder sees at most this many samples
+    if max_audio_seconds is not None:
+        limit = min(limit, int(max_audio_seconds * sr))
+    min_len = int(MIN_AUDIO_SECONDS * sr)
+    out, n_cut = [], 0
+    for i, a in enumerate(audios):
+        a = np.asarray(a, dtype=np.float32)
+        if a.ndim != 1:
+            raise PallmError(f"audio {i}: expected mono samples (1-D array), got shape {a.shape}.")
+        if a.size == 0:
+            raise PallmError(f"audio {i}: empty clip.")
+        if not np.isfinite(a).all():
+            raise PallmError(f"audio {i}: contains NaN/inf samples.")
+        if a.size > limit:
+            a, n_cut = a[:limit], n_cut + 1
+        if a.size < min_len:
+            a = np.pad(a, (0, min_len - a.size))
+        out.append(a)
+    if n_cut and limit not in _truncation_warned:
+        _truncation_warned.add(limit)
+        warnings.warn(
+            f"{n_cut} of {len(out)} clip(s) are longer than the model's audio window of {limit / sr:g} s and were "
+            f"truncated to it (only the start is heard). Further truncations are not reported.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return out
+
+
+def pad_token_id(tok) -> int:
+    # Qwen2 tokenizers pad with <|endoftext|>; fall back to it if a checkpoint left pad unset.
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids(ENDOFTEXT)
+
+
+def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    padded = [([value] * (width - len(r)) + r) if side == "left" else (r + [value] * (width - len(r))) for r in rows]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+def encode_batch(
+    processor,
+    audios: Sequence[np.ndarray],
+    prompts: Sequence[str],
+    completions: Sequence[str | Sequence[int]] | None = None,
+    *,
+    system: str | None = None,
+    max_audio_seconds: float | None = None,
+    padding_side: str | None = None,
+) -> BatchFeature:
+    """Chat-template prompts with one clip each -> `input_ids`, `attention_mask`, `input_features`,
+    `feature_attention_mask`, and with `completions` also `labels` (-100 except on completion tokens).
+
+    A completion is a string (tokenised and closed with the end-of-turn token, which the model must
+    learn to emit) or token ids as sampled by `generate(return_ids=True)` (used as is, so RL scores
+    exactly the sampled tokens). Prompt and completion are tokenised separately, as at generation
+    time. Padding is left without completions (for `generate`), right with them (for training).
+    """
+    family = family_of(processor)
+    tok = processor.tokenizer
+    n = len(prompts)
+    if n == 0:
+        raise PallmError("encode_batch: empty batch.")
+    if len(audios) != n or (completions is not None and len(completions) != n):
+        raise PallmError(
+            f"encode_batch: {len(audios)} audios, {n} prompts"
+            + (f", {len(completions)} completions" if completions is not None else "")
+            + "; they must match one to one."
+        )
+    for p in prompts:
+        if any(t in p for t in family.audio_tokens):
+            raise PallmError(f"prompt contains an audio special token ({', '.join(family.audio_tokens)}): {p[:80]!r}")
+
+    texts = [processor.apply_chat_template(family.messages(p, system), tokenize=False, add_generation_prompt=True) for p in prompts]
+    wavs = prepare_audio(processor, audios, max_audio_seconds)
+    enc = processor(text=texts, audio=wavs, sampling_rate=processor.feature_extractor.sampling_rate, padding=False)
+
+    ids = [list(r) for r in enc["input_ids"]]
+    labels = [[IGNORE_INDEX] * len(r) for r in ids]
+    if completions is not None:
+        banned = set(tok.convert_tokens_to_ids(list(family.banned_tokens)))
+        for i, c in enumerate(completions):
+            if isinstance(c, str):
+                c_ids = tok(c + family.end_of_turn, add_special_tokens=False)["input_ids"]
+            else:
+                c_ids = [int(t) for t in c]
+            if banned.intersection(c_ids):
+                raise PallmError(f"completion {i} contains audio special tokens; they may only come from the processor.")
+            ids[i] += c_ids
+            labels[i] += c_ids
+
+    side = padding_side or ("right" if completions is not None else "left")
+    if side not in ("left", "right"):
+        raise PallmError(f"padding_side must be 'left' or 'right', got {side!r}.")
+    out = {
+        "input_ids": _pad(ids, pad_token_id(tok), side),
+        "attention_mask": _pad([[1] * len(r) for r in ids], 0, side),
+        "input_features": torch.from_numpy(np.asarray(enc["input_features"], dtype=np.float32)),
+        "feature_attention_mask": torch.from_numpy(np.asarray(enc["feature_attention_mask"])).long(),
+    }
+    if completions is not None:
+        out["labels"] = _pad(labels, IGNORE_INDEX, side)
+    return BatchFeature(out)
+
+
+def banned_token_ids(model, processor) -> list[int]:
+    """Ids a completion must never contain: the family's placeholders (audio bos/token/eos), and
+    output rows with no token (real checkpoints pad the embedding matrix beyond the tokenizer)."""
+    family = family_of(processor)
+    tok = processor.tokenizer
+    n_out = model.get_output_embeddings().weight.shape[0]
+    return sorted(set(tok.convert_tokens_to_ids(list(family.banned_tokens))) | set(range(len(tok), n_out)))
+
+
+@torch.no_grad()
+def generate(
+    model,
+    processor,
+    audios: Sequence[np.ndarray],
+    prompts: Sequence[str],
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    num_return_sequences: int = 1,
+    max_audio_seconds: float | None = None,
+    return_ids: bool = False,
+):
+    """Batched decoding with the KV cache. Returns `len(prompts) * num_return_sequences` texts,
+    grouped by prompt ([p0s0, p0s1, p1s0, ...]), special tokens removed; with `return_ids`, also the
+    sampled ids per row (up to and including the end-of-turn token, no padding).
+
+    The generation config is built here in full rather than inherited from the checkpoint
+    (instruct checkpoints typically ship top_k/top_p/repetition_penalty defaults), so sampling is exactly
+    the policy at `temperature` -- what GRPO's log-probabilities assume.
+    """
+    family = family_of(processor)
+    tok = processor.tokenizer
+    if do_sample and temperature <= 0:
+        raise PallmError(f"temperature must be > 0 when sampling, got {temperature}.")
+    if num_return_sequences > 1 and not do_sample:
+        raise PallmError("num_return_sequences > 1 needs do_sample=True (greedy decoding gives identical copies).")
+    batch = encode_batch(processor, audios, prompts, system=system, max_audio_seconds=max_audio_seconds, padding_side="left")
+    batch = batch.to(model.device)
+
+    stop = [tok.convert_tokens_to_ids(family.end_of_turn)]
+    if tok.eos_token_id is not None and tok.eos_token_id not in stop:
+        stop.append(tok.eos_token_id)
+    cfg = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_beams=1,
+        num_return_sequences=num_return_sequences,
+        use_cache=True,
+        suppress_tokens=banned_token_ids(model, processor),  # logits -> -inf, before sampling
+        eos_token_id=stop,
+        pad_token_id=pad_token_id(tok),
+        repetition_penalty=1.0,
+    )
+    if do_sample:
+        cfg.update(temperature=temperature, top_p=top_p, top_k=top_k)
+
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(**batch, generation_config=GenerationConfig(**cfg))
+    finally:
+        model.train(was_training)
+
+    new = out[:, batch["input_ids"].shape[1] :].tolist()
+    rows = []
+    for r in new:
+        end = next((j for j, t in enumerate(r) if t in stop), None)
+        rows.append(r[: end + 1] if end is not None else r)
+    texts = tok.batch_decode(rows, skip_special_tokens=True)
+    return (texts, rows) if return_ids else texts
