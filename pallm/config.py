@@ -93,6 +93,8 @@ def dump_config(cfg: BaseModel, path: str | os.PathLike) -> None:
 from pydantic import ConfigDict, Field  # noqa: E402
 
 from pallm.data.parasynth.generate import SynthConfig  # noqa: E402
+from pallm.model.build import ModelSpec  # noqa: E402
+from pallm.prompts.format import PromptConfig  # noqa: E402
 
 
 class DataConfig(BaseModel):
@@ -106,7 +108,11 @@ class DataConfig(BaseModel):
 
 
 class RunConfig(BaseModel):
+    """One schema for every command: `pallm train sft/grpo` read the sections they need."""
+
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
