@@ -65,9 +65,13 @@ class ESpeak:
         self._callback = _CALLBACK(_collect)  # keep a reference: ctypes does not
         lib.espeak_SetSynthCallback(self._callback)
 
-    def synth(self, text: str, voice: str, prosody: Prosody, ssml: bool = False) -> np.ndarray:
-        """Speak `text` with eSpeak voice name `voice` (e.g. "en-us+f3"); float32 at `sample_rate`."""
+    def synth(self, text: str, voice: str, prosody: Prosody, seed: int = 0, ssml: bool = False) -> np.ndarray:
+        """Speak `text` with eSpeak voice name `voice` (e.g. "en-us+f3"); float32 at `sample_rate`.
+
+        `seed` feeds eSpeak's own noise generator (breathy voice variants draw from it; it is
+        seeded from the clock otherwise)."""
         lib = self._lib
+        lib.espeak_ng_SetRandSeed(int(seed) & 0x7FFFFFFF)
         if lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise PallmError(f"eSpeak voice '{voice}' not found in the espeakng-loader data.")
         for param, value in ((_RATE, prosody.rate), (_PITCH, prosody.pitch), (_RANGE, prosody.range), (_VOLUME, prosody.volume)):

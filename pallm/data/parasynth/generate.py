@@ -35,7 +35,7 @@ from pallm.errors import ConfigError, ManifestError
 ACCENTS = ("en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc", "en-gb-x-gbclan")
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
 META_NAME = "parasynth.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 class SynthConfig(BaseModel):
@@ -202,19 +202,20 @@ def _nearest_style(emotion: str, styles: dict) -> str:
 CHUNK = 150
 
 
-def _render_chunk(jobs: list[tuple[str, str, str, dict]]) -> list[float]:
+def _render_chunk(jobs: list[tuple[str, str, str, dict, int]]) -> list[float]:
     """Worker: synthesise utterances, resample to 16 kHz, write them; returns their durations.
 
     eSpeak keeps internal state from one utterance to the next (a few samples of difference), so
     bit-identical output needs the same history for every utterance: chunks are fixed by index and
-    each chunk is rendered in a fresh process, whatever the number of workers.
+    each chunk is rendered in a fresh process, whatever the number of workers; and eSpeak's noise
+    generator is seeded per utterance.
     """
     from pallm.data.parasynth.espeak import Prosody, get_engine
 
     engine = get_engine()
     durations = []
-    for path, text, voice, prosody in jobs:
-        wav = engine.synth(text, voice, Prosody(**prosody))
+    for path, text, voice, prosody, seed in jobs:
+        wav = engine.synth(text, voice, Prosody(**prosody), seed=seed)
         wav = soxr.resample(wav, engine.sample_rate, SAMPLE_RATE).astype(np.float32)
         write_audio(path, np.clip(wav, -1.0, 1.0))
         durations.append(len(wav) / SAMPLE_RATE)
@@ -233,7 +234,8 @@ def synthesize(cfg: SynthConfig, out: str | os.PathLike, overwrite: bool = False
     if audio_dir.exists() and overwrite:
         shutil.rmtree(audio_dir)
     audio_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out / p["audio"]), p["transcript"], p["voice"], p["prosody"]) for p in plan]
+    jobs = [(str(out / p["audio"]), p["transcript"], p["voice"], p["prosody"], cfg.seed * 1_000_003 + i)
+            for i, p in enumerate(plan)]
     durations: list[float] = []
     chunks = [jobs[i : i + CHUNK] for i in range(0, len(jobs), CHUNK)]
     # forkserver: each chunk's process starts fast (modules preloaded) yet with fresh eSpeak state.
