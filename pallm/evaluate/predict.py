@@ -1,0 +1,111 @@
+"""Run a model over manifest rows: batched greedy decoding, parsed into one `Prediction` per row.
+
+Every evaluation, probe and baseline produces this same record, so one set of metrics scores
+them all. Nothing a model can output makes `predict` fail: an unusable output is simply a
+prediction with `label=None`, which the metrics count as wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pallm.data.audio import audio_duration, load_audio
+from pallm.data.manifest import Row
+from pallm.model import generate
+from pallm.prompts.format import PromptConfig, build_prompt, label_set, parse_completion
+
+
+@dataclass
+class Prediction:
+    id: str
+    task: str  # "classify" or "respond"
+    output: str  # the raw completion text
+    label: str | None  # parsed label (classify); None when unparsable or for respond
+    gold: str | None  # the row's label for the prompt's target
+    correct: bool | None  # None when there is nothing to compare (respond, or no gold)
+    format_ok: bool
+    cue_claims: dict[str, str] = field(default_factory=dict)
+    response: str | None = None  # the reply inside <response> (respond)
+
+
+def gold_label(row: Row, prompt_cfg: PromptConfig) -> str | None:
+    return row.sentiment if prompt_cfg.target == "sentiment" else row.emotion
+
+
+def row_audio(row: Row) -> np.ndarray:
+    # `channel` is an extra field on stereo conversational corpora (Expresso): one speaker each.
+    return load_audio(row.audio, channel=getattr(row, "channel", None))
+
+
+def _duration(row: Row) -> float:
+    return row.duration if row.duration is not None else audio_duration(row.audio)
+
+
+def to_prediction(row: Row, task: str, output: str, prompt_cfg: PromptConfig, labels: list[str]) -> Prediction:
+    """Parse one completion. Never raises (parse_completion does not)."""
+    p = parse_completion(output, task, labels, cot=prompt_cfg.cot)
+    gold = gold_label(row, prompt_cfg) if task == "classify" else None
+    return Prediction(
+        id=row.id,
+        task=task,
+        output=output,
+        label=p.label if task == "classify" else None,
+        gold=gold,
+        correct=(p.label == gold) if gold is not None else None,
+        format_ok=p.format_ok,
+        cue_claims=dict(p.cue_claims),
+        response=p.response,
+    )
+
+
+def predict(
+    model,
+    processor,
+    rows: list[Row],
+    task: str,
+    prompt_cfg: PromptConfig,
+    labels: list[str] | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 96,
+    audio_fn: Callable[[Row], np.ndarray] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    system: str | None = None,
+    max_audio_seconds: float | None = None,
+) -> list[Prediction]:
+    """Greedy predictions for `rows`, returned in input order.
+
+    `audio_fn(row)` replaces the row's audio (the shortcut probes feed silence or another clip);
+    `labels` defaults to the prompt's label set (for the emotion target, the rows' emotions).
+    `system` and `max_audio_seconds` go to `pallm.model.generate` unchanged.
+    """
+    rows = list(rows)
+    if labels is None:
+        labels = label_set(prompt_cfg, sorted({r.emotion for r in rows if r.emotion}))
+    audio_fn = audio_fn or row_audio
+    # Similar lengths in one batch waste less compute on padding; results go back to input order.
+    order = sorted(range(len(rows)), key=lambda i: _duration(rows[i]))
+    out: list[Prediction | None] = [None] * len(rows)
+    if progress:
+        progress(0, len(rows))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = [rows[i] for i in idx]
+        texts = generate(
+            model,
+            processor,
+            [audio_fn(r) for r in batch],
+            [build_prompt(task, r, prompt_cfg, labels) for r in batch],
+            system=system,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            max_audio_seconds=max_audio_seconds,
+        )
+        for i, r, text in zip(idx, batch, texts):
+            out[i] = to_prediction(r, task, text, prompt_cfg, labels)
+        if progress:
+            progress(min(start + batch_size, len(rows)), len(rows))
+    return out  # type: ignore[return-value]
