@@ -210,6 +210,7 @@ def response_metrics(
         dumps = [r.model_dump() for _, r in pairs]
         keys = sorted({k for d in dumps for k in d})
         fields = {k: [d.get(k) for d in dumps] for k in keys}
+        fields["task"] = ["respond"] * len(pairs)  # reward functions route on the task column
         scores = [float(s) for s in judge([build_prompt("respond", r, cfg) for _, r in pairs],
                                           [p.output for p, _ in pairs], **fields)]
         if len(scores) != len(pairs):
