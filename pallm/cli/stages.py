@@ -121,6 +121,8 @@ def evaluate(
 
     if task not in ("classify", "respond"):
         raise ConfigError(f"--task must be classify or respond, not '{task}'")
+    net, processor = load_pretrained(model)  # first: it checks the folder thoroughly
+    net.eval()
     meta = read_pallm_meta(model)
     prompt_cfg = PromptConfig.model_validate(meta.get("task_format") or {})
     rows = read_manifest(data, split=split)[:limit]
@@ -130,8 +132,6 @@ def evaluate(
     if task == "classify" and outside:
         raise ConfigError(f"{data}: labels {outside} are outside the model's label set {labels}. "
                           "Map them with a taxonomy (pallm data prepare --taxonomy) or evaluate a model trained on them.")
-    net, processor = load_pretrained(model)
-    net.eval()
     out = out or Path(model) / f"eval-{split}"
     t0 = time.perf_counter()
     with rich_task(f"evaluating {len(rows)} rows") as cb:

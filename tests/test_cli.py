@@ -1,0 +1,73 @@
+"""The command line: one-line errors with exit code 2, presets, and the pipeline end to end."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pallm.cli.main import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "sft.stepz=3"], "sft.stepz"),
+    (["run", "seed"], "key=value"),
+    (["run", "--preset", "huge"], "unknown preset"),
+    (["run", "--config", "nowhere.yaml"], "nowhere.yaml: config file not found"),
+    (["eval", "--model", "no/such/ckpt", "--data", "x"], "no/such/ckpt"),
+    (["data", "prepare", "ravdess", "--root", "no/such/root", "--out", "o"], "no/such/root"),
+    (["data", "cues", "no/such/corpus"], "no/such/corpus"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    r = _run(*args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_every_command_has_help():
+    for cmd in (["run"], ["eval"], ["train", "sft"], ["train", "grpo"], ["data", "synth"], ["data", "prepare"],
+                ["data", "cues"]):
+        r = _run(*cmd, "--help")
+        assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_synth_cli_writes_corpus_and_refuses_overwrite(tmp_path):
+    out = tmp_path / "ps"
+    r = _run("data", "synth", "--out", str(out), "--n", "24", "--workers", "1", "speakers=8", "test_speakers=2",
+             "dev_speakers=2")
+    assert r.exit_code == 0, r.output
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 24
+    r = _run("data", "synth", "--out", str(out), "--n", "24")
+    assert r.exit_code == 2 and "--overwrite" in r.output
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
+    """`pallm run --preset smoke` leaves the run folder the contract describes, and resumes."""
+    monkeypatch.chdir(tmp_path)
+    r = _run("run", "--preset", "smoke", "--out", "run")
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "run"
+    for f in ("report.md", "metrics.json", "config.yaml", "sft/pallm.json", "grpo/pallm.json",
+              "sft/model.safetensors", "grpo/model.safetensors", "eval/sft/metrics.json", "eval/pallm/predictions.jsonl"):
+        assert (run / f).exists(), f
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"eGeMAPS + LR", "text TF-IDF + LR", "SFT (stage 1)", "PALLM (SFT + GRPO)"} <= set(metrics["models"])
+    for m in metrics["models"].values():
+        assert {"all", "congruent", "conflict"} <= set(m["metrics"]["subsets"])
+    ev = json.loads((run / "eval/sft/metrics.json").read_text())
+    assert set(ev["subsets"]["all"]) >= {"n", "ua", "wa", "macro_f1", "parse_rate"}
+    assert ev["confusion"]["labels"] == ["negative", "neutral", "positive"]
+    report = (run / "report.md").read_text()
+    assert "conflict" in report and ".png" in report
+    # A second run with the same config reuses the trained stages; another config is refused.
+    r = _run("run", "--preset", "smoke", "--out", "run")
+    assert r.exit_code == 0 and "reusing" in r.output
+    r = _run("run", "--preset", "smoke", "--out", "run", "seed=5")
+    assert r.exit_code == 2 and "another config" in r.output
