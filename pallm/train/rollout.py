@@ -1,0 +1,120 @@
+"""Rollout backends: who samples the G completions per prompt that GRPO learns from.
+
+The trainer only needs token ids, grouped per prompt, sampled from the current policy at
+`temperature`/`top_p`. `HFBackend` does that with the training model itself (any machine, CPU
+included). A vLLM backend is a drop-in on GPU machines; docs/grpo.md gives its shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from transformers import GenerationConfig
+
+from pallm.errors import PallmError
+from pallm.model import banned_token_ids, encode_batch
+from pallm.model.batch import pad_token_id
+from pallm.model.families import family_of
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    def generate(
+        self,
+        audios: Sequence[np.ndarray],
+        prompts: Sequence[str],
+        num_generations: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+    ) -> list[list[int]]:
+        """`len(prompts) * num_generations` rows of sampled completion ids, grouped by prompt
+        ([p0s0 .. p0s(G-1), p1s0 ..]); a row ends with the stop token when one was sampled."""
+        ...
+
+    def sync_weights(self, model) -> None:
+        """Make the backend sample from `model`'s current weights (called after every optimizer step)."""
+        ...
+
+
+def stop_token_ids(processor) -> list[int]:
+    """End of turn first, then the tokenizer's eos (the same stop set as `pallm.model.generate`)."""
+    tok = processor.tokenizer
+    stop = [tok.convert_tokens_to_ids(family_of(processor).end_of_turn)]
+    if tok.eos_token_id is not None and tok.eos_token_id not in stop:
+        stop.append(tok.eos_token_id)
+    return stop
+
+
+def cut_at_stop(rows: list[list[int]], stop: Sequence[int]) -> list[list[int]]:
+    """Keep each row up to and including its first stop token: nothing after EOS is ever scored
+    (a backend may pad finished rows with anything)."""
+    out = []
+    for r in rows:
+        end = next((j for j, t in enumerate(r) if t in stop), None)
+        out.append(list(r[: end + 1]) if end is not None else list(r))
+    return out
+
+
+def _unwrap(model):
+    # DDP / accelerate wrappers keep the real model in `.module`; PEFT models generate fine as they are.
+    return getattr(model, "module", model)
+
+
+class HFBackend:
+    """Sampling with transformers' `generate` on the training model, KV cache on.
+
+    `pallm.model.generate(num_return_sequences=G)` lets transformers repeat every input G times,
+    audio features included, so the audio encoder and the whole prompt prefill run G times per
+    prompt. Here the prompt (audio + text, all but its last token) is prefilled ONCE per prompt;
+    its KV cache is then repeated G times and decoding continues from it. Same tokens, same
+    logits, same RNG stream as `pallm.model.generate` (tests/test_grpo.py checks identity), about
+    G times less prefill work.
+    """
+
+    def __init__(self, model, processor, *, system: str | None = None, max_audio_seconds: float | None = None):
+        self.model = _unwrap(model)
+        self.processor = processor
+        self.system = system
+        self.max_audio_seconds = max_audio_seconds
+        self._stop = stop_token_ids(processor)
+        self._banned = banned_token_ids(self.model, processor)
+
+    def sync_weights(self, model) -> None:
+        # Same module as the one being trained: nothing to copy.
+        self.model = _unwrap(model)
+
+    @torch.no_grad()
+    def generate(self, audios, prompts, num_generations, temperature, top_p, max_new_tokens) -> list[list[int]]:
+        if temperature <= 0:
+            raise PallmError(f"temperature must be > 0 for GRPO sampling, got {temperature}.")
+        if not prompts:
+            return []
+        model, G = self.model, num_generations
+        tok = self.processor.tokenizer
+        batch = encode_batch(self.processor, audios, prompts, system=self.system,
+                             max_audio_seconds=self.max_audio_seconds, padding_side="left").to(model.device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        # Left padding: positions count real tokens only, exactly as `generate` derives them.
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        was_training = model.training
+        model.eval()
+        try:
+            # Prefill all but the last prompt token: generate needs at least one new token to feed.
+            cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                          input_features=batch["input_features"], feature_attention_mask=batch["feature_attention_mask"],
+                          use_cache=True).cache
+            cache.batch_repeat_interleave(G)
+            cfg = GenerationConfig(
+                max_new_tokens=max_new_tokens, do_sample=True, num_beams=1, num_return_sequences=1, use_cache=True,
+                temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0,
+                suppress_tokens=self._banned, eos_token_id=self._stop, pad_token_id=pad_token_id(tok),
+            )
+            out = model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
+                                 cache=cache, generation_config=cfg)
+        finally:
+            model.train(was_training)
+        return cut_at_stop(out[:, ids.shape[1]:].tolist(), self._stop)
