@@ -96,3 +96,17 @@ def test_load_audio_resamples_downmixes_and_rejects_broken(tmp_path):
         load_audio(tmp_path / "empty.wav")
     with pytest.raises(AudioError, match="not found"):
         load_audio(tmp_path / "nope.wav")
+
+
+def test_merge_manifests_makes_paths_absolute_and_rejects_id_clash(tmp_path):
+    from pallm.data.manifest import merge_manifests
+
+    write_manifest([_row(0, corpus="a")], tmp_path / "a")
+    write_manifest([_row(1, corpus="b")], tmp_path / "b")
+    merge_manifests([tmp_path / "a", tmp_path / "b" / "manifest.jsonl"], tmp_path / "ab")
+    rows = read_manifest(tmp_path / "ab")
+    assert [r.corpus for r in rows] == ["a", "b"]
+    assert rows[0].audio == str(tmp_path / "a" / "a0.wav")
+    write_manifest([_row(0, corpus="c")], tmp_path / "c")
+    with pytest.raises(ManifestError, match="id 'u0' also in"):
+        merge_manifests([tmp_path / "a", tmp_path / "c"], tmp_path / "ac")

@@ -115,6 +115,20 @@ def data_prepare(
         _measure(out, workers)
 
 
+@data_app.command("merge")
+@friendly_errors
+def data_merge(
+    sources: list[Path] = typer.Argument(..., help="corpus folders (or manifest files) to combine"),
+    out: Path = typer.Option(..., "--out", help="folder for the combined manifest"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Combine several corpora (e.g. IEMOCAP + RAVDESS + Expresso) into one manifest."""
+    from pallm.data.manifest import merge_manifests
+
+    path = merge_manifests(sources, out, overwrite=overwrite)
+    console.print(f"wrote {path}")
+
+
 from pallm.cli import stages  # noqa: E402,F401  (registers train/eval/run commands)
 
 if __name__ == "__main__":

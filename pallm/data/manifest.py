@@ -125,3 +125,17 @@ def write_manifest(
             os.unlink(tmp)
         raise
     return target
+
+
+def merge_manifests(sources: Iterable[str | os.PathLike], out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Concatenate corpora into one manifest (audio paths made absolute; ids must stay unique)."""
+    rows: list[Row] = []
+    seen: dict[str, Path] = {}
+    for src in sources:
+        for row in read_manifest(src):
+            if row.id in seen:
+                raise ManifestError(f"{manifest_path(src)}: id '{row.id}' also in {seen[row.id]}; "
+                                    "ids must be unique across the merged corpora.")
+            seen[row.id] = manifest_path(src)
+            rows.append(row)
+    return write_manifest(rows, out_dir, overwrite=overwrite)

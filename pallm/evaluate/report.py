@@ -42,8 +42,14 @@ def plot_series(records: list[dict[str, Any]], keys: list[str], title: str, out_
     for key in keys:
         pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and r.get(key) is not None]
         if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=key)
+            xs, ys = np.array(pts, dtype=float).T
+            if len(pts) >= 30:  # per-step RL metrics are noisy: faint raw line, moving average on top
+                k = max(3, len(pts) // 20)
+                line, = ax.plot(xs, ys, alpha=0.25, lw=0.8)
+                smooth = np.convolve(ys, np.ones(k) / k, mode="valid")
+                ax.plot(xs[k - 1:], smooth, color=line.get_color(), label=f"{key} (mean of {k})")
+            else:
+                ax.plot(xs, ys, marker="o", ms=3, label=key)
             drawn += 1
     if not drawn:
         plt.close(fig)

@@ -81,7 +81,7 @@ class SFTConfig(BaseModel):
     label_budget: int | None = Field(None, ge=1)
     save_every: int = Field(100, ge=0, description="checkpoint every N steps (0 = only the final model)")
     keep_checkpoints: int = Field(2, ge=1)
-    eval_every: int = Field(200, ge=0, description="dev evaluation every N steps and at the end (0 = off)")
+    eval_every: int = Field(100, ge=0, description="dev evaluation every N steps and at the end (0 = off)")
     eval_rows: int = Field(96, ge=1, description="size of the fixed dev subset")
     eval_batch_size: int = Field(32, ge=1)
     eval_max_new_tokens: int = Field(96, ge=1)
