@@ -19,13 +19,11 @@ import logging
 import os
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from pallm.api import ApiError, JsonlCache, chat_completions_url, json_headers, post_json
 from pallm.prompts.format import parse_completion
 from pallm.rewards.core import RewardFn, column, completion_text, register
 
@@ -248,32 +246,6 @@ def parse_judge_score(content: str) -> float:
     return (float(score) - 1) / 9
 
 
-class _JsonlCache:
-    """Append-only JSON lines, one {"key", "score"} per judged reply. Unreadable lines are skipped
-    (a crash mid-write costs one entry, not the cache); appends are single writes, so several
-    processes can share the file."""
-
-    def __init__(self, path: Path):
-        self.path, self.lock, self.data = path, threading.Lock(), {}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    obj = json.loads(line)
-                    self.data[obj["key"]] = float(obj["score"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-
-    def get(self, key: str) -> float | None:
-        return self.data.get(key)
-
-    def put(self, key: str, score: float) -> None:
-        with self.lock:
-            self.data[key] = score
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": key, "score": score}) + "\n")
-
-
 def make_llm_judge(
     base_url: str,
     model: str,
@@ -297,12 +269,9 @@ def make_llm_judge(
     logged. Successful scores are cached on disk under `cache_dir`, keyed by a hash of
     model + rubric + user message, so re-runs and repeated replies cost no request.
     """
-    url = base_url.rstrip("/") + "/chat/completions"
-    api_key = os.environ.get(api_key_env) if api_key_env else None
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    cache = _JsonlCache(Path(cache_dir) / "llm_judge.jsonl") if cache_dir else None
+    url = chat_completions_url(base_url)
+    headers = json_headers(os.environ.get(api_key_env) if api_key_env else None)
+    cache = JsonlCache(Path(cache_dir) / "llm_judge.jsonl") if cache_dir else None
     stats = {"requests": 0, "cache_hits": 0, "failures": 0}
     lock = threading.Lock()
 
@@ -311,28 +280,17 @@ def make_llm_judge(
             stats[key] += k
 
     def ask(user: str) -> float | None:
-        body = json.dumps({"model": model, "temperature": temperature, "max_tokens": max_tokens,
+        body = ({"model": model, "temperature": temperature, "max_tokens": max_tokens,
                            "messages": [{"role": "system", "content": rubric},
-                                        {"role": "user", "content": user}]}).encode()
-        error = "no attempt"
-        for attempt in range(retries + 1):
-            if attempt:
-                time.sleep(backoff * 2 ** (attempt - 1))
-            count("requests")
-            try:
-                req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=timeout) as resp:
-                    payload = json.loads(resp.read())
-                return parse_judge_score(payload["choices"][0]["message"]["content"])
-            except urllib.error.HTTPError as e:
-                error = f"HTTP {e.code}"
-                if e.code != 429 and e.code < 500:
-                    break
-            except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
-                error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-                error = f"unusable answer: {e}"
-                break
+                                        {"role": "user", "content": user}]})
+        try:
+            payload = post_json(url, body, headers, timeout=timeout, retries=retries, backoff=backoff,
+                                on_attempt=lambda k: count("requests"))
+            return parse_judge_score(payload["choices"][0]["message"]["content"])
+        except ApiError as e:
+            error = str(e)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            error = f"unusable answer: {e}"
         count("failures")
         log.warning("llm judge failed (%s); the reply gets the fallback reward %r", error, fallback)
         return None
@@ -355,7 +313,7 @@ def make_llm_judge(
             user = _user_message(replies[i], emotions[i], sentiments[i], lexicals[i], congruents[i], transcripts[i])
             key = hashlib.sha256(json.dumps([model, rubric, user]).encode()).hexdigest()
             keys[i] = key
-            if cache is not None and cache.get(key) is not None:
+            if cache is not None and key in cache:
                 count("cache_hits")
             else:
                 todo[key] = user
@@ -367,9 +325,9 @@ def make_llm_judge(
                 kwargs["log_metric"]("llm_judge/failures", float(sum(v is None for v in results.values())))
         for key, score in results.items():
             if score is not None and cache is not None:
-                cache.put(key, score)
+                cache.put(key, {"score": score})
         for i, key in keys.items():
-            score = results[key] if key in results else cache.get(key)  # type: ignore[union-attr]
+            score = results[key] if key in results else cache.get(key)["score"]  # type: ignore[index]
             out[i] = fallback if score is None else score
         return out
 
