@@ -1,4 +1,3 @@
-import json
 from collections import Counter
 
 import numpy as np

@@ -522,3 +522,58 @@ def _write_lines_atomic(path: Path, lines: Sequence[str]) -> None:
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
     os.replace(tmp, path)
+
+
+# --- run folder (shared by both stages) ------------------------------------------------------
+
+SUMMARY_FILE = "train_summary.json"
+# What a finished run leaves in its folder (removed by overwrite=True; nothing else is touched).
+RUN_FILES = (PALLM_META_FILE, SUMMARY_FILE, TRAIN_LOG, "config.json", "generation_config.json", "model.safetensors",
+              "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+              "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+              "processor_config.json", "preprocessor_config.json")
+RUN_DIRS = (CHECKPOINTS_DIR, LOGS_DIR, "adapter", ".final.tmp")
+
+
+def clear_run(out: Path) -> None:
+    for name in RUN_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for f in out.glob("model-*-of-*.safetensors"):
+        f.unlink()
+
+
+def check_resume(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    old = saved.get("fingerprint", {})
+    diff = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+    if diff:
+        raise PallmError(
+            f"{path}: this checkpoint was made with different {', '.join(diff)}; resuming would not continue the "
+            "same run. Use the same settings, or another --out (or overwrite) to start afresh."
+        )
+
+
+def dev_record(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    subsets = metrics["subsets"]
+    rec: dict[str, Any] = {"step": step, "ua": subsets["all"]["ua"], "parse_rate": subsets["all"]["parse_rate"]}
+    for name in ("congruent", "conflict"):
+        if name in subsets:
+            rec[f"ua_{name}"] = subsets[name]["ua"]
+    fw = metrics.get("follows_words_rate")
+    if isinstance(fw, dict):
+        rec["follows_words_rate"] = fw["rate"]
+    return rec
+
+
+def read_dev_curve(out: Path, upto: int) -> list[dict[str, Any]]:
+    path = out / TRAIN_LOG
+    if not path.exists():
+        return []
+    curve = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec.get("kind") == "dev" and rec["step"] <= upto:
+                curve.append({k: v for k, v in rec.items() if k not in ("kind", "time")})
+    return curve

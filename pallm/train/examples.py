@@ -147,3 +147,53 @@ def tokenizer_texts(rows: Iterable[Row], prompt_cfg: PromptConfig, labels: list[
             texts.append(build_target(task, r, prompt_cfg))
         texts += [t for t in (r.transcript, r.response) if t]
     return texts
+
+
+def select_train_rows(rows: Sequence[Row], prompt_cfg: PromptConfig, label_budget: int | None, seed: int,
+                      where: str = "corpus") -> list[Row]:
+    """Labelled train rows (the prompt target's label present); with a budget, a seeded random
+    subset of that size (nested across budgets for one seed), in manifest order."""
+    train = [r for r in rows if r.split == "train"]
+    if not train:
+        raise PallmError(f"{where}: no rows in the train split; stage 1 needs training data (split: train).")
+    labelled = [r for r in train if gold(r, prompt_cfg) is not None]
+    if not labelled:
+        raise PallmError(f"{where}: none of the {len(train)} train rows has a '{prompt_cfg.target}' label to train on.")
+    if label_budget is not None:
+        if label_budget > len(labelled):
+            raise PallmError(f"label_budget={label_budget}, but {where} has only {len(labelled)} labelled train rows.")
+        order = sorted(labelled, key=lambda r: r.id)
+        random.Random(seed).shuffle(order)
+        keep = {r.id for r in order[:label_budget]}
+        labelled = [r for r in labelled if r.id in keep]
+    return labelled
+
+
+def select_dev_rows(rows: Sequence[Row], prompt_cfg: PromptConfig, n: int, seed: int) -> list[Row]:
+    dev = sorted((r for r in rows if r.split == "dev" and gold(r, prompt_cfg) is not None), key=lambda r: r.id)
+    random.Random(seed).shuffle(dev)
+    return dev[:n]
+
+
+class ExampleStream:
+    """The endless, deterministic training stream: epoch e is `build_examples(rows, ...,
+    seed=f(seed, e))`. Example i of the stream is a pure function of (rows, config, seed, i),
+    which is what makes resuming exact and the per-process split independent of timing."""
+
+    def __init__(self, rows: Sequence[Row], weights: dict[str, float], prompt_cfg: PromptConfig, labels: list[str], seed: int):
+        self._args = (list(rows), weights, prompt_cfg, labels)
+        self.seed = seed
+        self._cache: dict[int, list[Example]] = {}
+        self.n = len(self.epoch(0))
+        if self.n == 0:
+            raise PallmError("no training example could be built (no row can serve any weighted task).")
+
+    def epoch(self, e: int) -> list[Example]:
+        if e not in self._cache:
+            rows, weights, prompt_cfg, labels = self._args
+            self._cache = {k: v for k, v in self._cache.items() if k >= e - 1}  # keep memory flat
+            self._cache[e] = build_examples(rows, weights, prompt_cfg, labels, seed=self.seed * 1_000_003 + e)
+        return self._cache[e]
+
+    def take(self, start: int, count: int) -> list[Example]:
+        return [self.epoch(i // self.n)[i % self.n] for i in range(start, start + count)]

@@ -40,10 +40,14 @@ from pallm.model.batch import pad_token_id
 from pallm.model.build import PALLM_META_FILE, read_pallm_meta
 from pallm.prompts.format import TASKS, PromptConfig, build_prompt, label_set, parse_completion
 from pallm.train.common import (
+    SUMMARY_FILE,
     AudioCache,
     LoraSettings,
     RunLogger,
     apply_lora,
+    check_resume,
+    clear_run,
+    dev_record,
     build_optimizer,
     build_scheduler,
     freeze_audio_encoder,
@@ -54,26 +58,24 @@ from pallm.train.common import (
     make_accelerator,
     peak_rss_mb,
     publish_final,
+    read_dev_curve,
     save_training_checkpoint,
     seed_everything,
     set_threads,
     trainable_parameters,
 )
-from pallm.train.examples import Example, can_serve, check_cues, check_task_weights, gold
-from pallm.train.rollout import HFBackend, RolloutBackend, cut_at_stop, stop_token_ids
-
-# Shared with stage 1 (run-folder handling, the deterministic example stream, dev rows/metrics).
-from pallm.train.sft import (
+from pallm.train.examples import (
+    Example,
     ExampleStream,
-    _check_resume,
-    _clear_run,
-    _dev_record,
-    _read_dev_curve,
+    can_serve,
+    check_cues,
+    check_task_weights,
+    gold,
     select_dev_rows,
     select_train_rows,
 )
+from pallm.train.rollout import HFBackend, RolloutBackend, cut_at_stop, stop_token_ids
 
-SUMMARY_FILE = "train_summary.json"
 ProgressFn = Callable[[int, int, dict], None]
 # Row fields handed to every reward function, one value per completion (TRL passes dataset columns).
 REWARD_ROW_FIELDS = ("id", "sentiment", "emotion", "lexical_sentiment", "congruent", "transcript", "response", "cues", "cue_z")
@@ -530,7 +532,7 @@ def train_grpo(
         raise PallmError(f"{out}: holds a finished run (pallm.json). Choose another output folder, "
                          "or pass overwrite=True (--overwrite) to replace it.")
     if overwrite and main:
-        _clear_run(out)
+        clear_run(out)
     accelerator.wait_for_everyone()
     resume = latest_checkpoint(out)
 
@@ -564,7 +566,7 @@ def train_grpo(
     step = 0
     if resume is not None:
         saved = json.loads((resume[1] / "trainer_state.json").read_text(encoding="utf-8"))
-        _check_resume(saved, fingerprint, resume[1])
+        check_resume(saved, fingerprint, resume[1])
         state = load_training_checkpoint(accelerator, resume[1])
         step = int(state["step"])
         sampler.load_state_dict(state["sampler"])
@@ -579,7 +581,7 @@ def train_grpo(
             "init": init_name, "init_stage": init_meta.get("stage"), "train_rows": len(train_rows)}
     cache = AudioCache(cfg.audio_cache)
     logger = RunLogger(out, enabled=main, resume_step=step)
-    dev_curve = _read_dev_curve(out, step) if (main and resume is not None) else []
+    dev_curve = read_dev_curve(out, step) if (main and resume is not None) else []
     device = accelerator.device
     task_ids = {t: i for i, t in enumerate(TASKS)}
     totals = {"generate": 0.0, "reward": 0.0, "score": 0.0, "backward": 0.0, "tokens": 0, "completions": 0}
@@ -777,7 +779,7 @@ def train_grpo(
         if main:
             preds = predict(policy, processor, dev_rows, "classify", prompt_cfg, labels, batch_size=cfg.eval_batch_size,
                             max_new_tokens=cfg.max_completion_length, audio_fn=cache.get)
-            rec = _dev_record(at, classification_metrics(preds, dev_rows, labels))
+            rec = dev_record(at, classification_metrics(preds, dev_rows, labels))
             dev_curve.append(rec)
             logger.log(at, {k: v for k, v in rec.items() if k != "step"}, kind="dev")
         accelerator.wait_for_everyone()

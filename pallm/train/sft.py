@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,16 +29,17 @@ from pallm.model import IGNORE_INDEX, ModelSpec, build_tiny, encode_batch, load_
 from pallm.model.build import PALLM_META_FILE
 from pallm.prompts.format import PromptConfig, label_set
 from pallm.train.common import (
-    CHECKPOINTS_DIR,
-    LOGS_DIR,
-    TRAIN_LOG,
+    SUMMARY_FILE,
     AudioCache,
     LoraSettings,
     RunLogger,
     apply_lora,
     build_optimizer,
     build_scheduler,
+    check_resume,
+    clear_run,
     configure_deepspeed,
+    dev_record,
     freeze_audio_encoder,
     is_sharded,
     latest_checkpoint,
@@ -48,15 +47,23 @@ from pallm.train.common import (
     make_accelerator,
     peak_rss_mb,
     publish_final,
+    read_dev_curve,
     read_trainer_state,
     save_training_checkpoint,
     seed_everything,
     set_threads,
     trainable_parameters,
 )
-from pallm.train.examples import Example, build_examples, can_serve, check_cues, check_task_weights, gold, tokenizer_texts
+from pallm.train.examples import (
+    ExampleStream,
+    can_serve,
+    check_cues,
+    check_task_weights,
+    select_dev_rows,
+    select_train_rows,
+    tokenizer_texts,
+)
 
-SUMMARY_FILE = "train_summary.json"
 ProgressFn = Callable[[int, int, dict], None]
 
 
@@ -111,56 +118,6 @@ _RESUME_KEYS = ("batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio"
 # --- data ------------------------------------------------------------------------------------
 
 
-def select_train_rows(rows: Sequence[Row], prompt_cfg: PromptConfig, label_budget: int | None, seed: int,
-                      where: str = "corpus") -> list[Row]:
-    """Labelled train rows (the prompt target's label present); with a budget, a seeded random
-    subset of that size (nested across budgets for one seed), in manifest order."""
-    train = [r for r in rows if r.split == "train"]
-    if not train:
-        raise PallmError(f"{where}: no rows in the train split; stage 1 needs training data (split: train).")
-    labelled = [r for r in train if gold(r, prompt_cfg) is not None]
-    if not labelled:
-        raise PallmError(f"{where}: none of the {len(train)} train rows has a '{prompt_cfg.target}' label to train on.")
-    if label_budget is not None:
-        if label_budget > len(labelled):
-            raise PallmError(f"label_budget={label_budget}, but {where} has only {len(labelled)} labelled train rows.")
-        order = sorted(labelled, key=lambda r: r.id)
-        random.Random(seed).shuffle(order)
-        keep = {r.id for r in order[:label_budget]}
-        labelled = [r for r in labelled if r.id in keep]
-    return labelled
-
-
-def select_dev_rows(rows: Sequence[Row], prompt_cfg: PromptConfig, n: int, seed: int) -> list[Row]:
-    dev = sorted((r for r in rows if r.split == "dev" and gold(r, prompt_cfg) is not None), key=lambda r: r.id)
-    random.Random(seed).shuffle(dev)
-    return dev[:n]
-
-
-class ExampleStream:
-    """The endless, deterministic training stream: epoch e is `build_examples(rows, ...,
-    seed=f(seed, e))`. Example i of the stream is a pure function of (rows, config, seed, i),
-    which is what makes resuming exact and the per-process split independent of timing."""
-
-    def __init__(self, rows: Sequence[Row], weights: dict[str, float], prompt_cfg: PromptConfig, labels: list[str], seed: int):
-        self._args = (list(rows), weights, prompt_cfg, labels)
-        self.seed = seed
-        self._cache: dict[int, list[Example]] = {}
-        self.n = len(self.epoch(0))
-        if self.n == 0:
-            raise PallmError("no training example could be built (no row can serve any weighted task).")
-
-    def epoch(self, e: int) -> list[Example]:
-        if e not in self._cache:
-            rows, weights, prompt_cfg, labels = self._args
-            self._cache = {k: v for k, v in self._cache.items() if k >= e - 1}  # keep memory flat
-            self._cache[e] = build_examples(rows, weights, prompt_cfg, labels, seed=self.seed * 1_000_003 + e)
-        return self._cache[e]
-
-    def take(self, start: int, count: int) -> list[Example]:
-        return [self.epoch(i // self.n)[i % self.n] for i in range(start, start + count)]
-
-
 def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy on completion tokens only. Returns (mean over the batch's
     completion tokens, per-example mean, per-example token count). Only the labelled positions
@@ -179,23 +136,6 @@ def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 # --- run folder --------------------------------------------------------------------------------
 
-# What a finished run leaves in its folder (removed by overwrite=True; nothing else is touched).
-_RUN_FILES = (PALLM_META_FILE, SUMMARY_FILE, TRAIN_LOG, "config.json", "generation_config.json", "model.safetensors",
-              "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-              "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-              "processor_config.json", "preprocessor_config.json")
-_RUN_DIRS = (CHECKPOINTS_DIR, LOGS_DIR, "adapter", ".final.tmp")
-
-
-def _clear_run(out: Path) -> None:
-    for name in _RUN_DIRS:
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in _RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for f in out.glob("model-*-of-*.safetensors"):
-        f.unlink()
-
-
 def _fingerprint(cfg: SFTConfig, prompt_cfg: PromptConfig, rows: Sequence[Row], seed: int, num_processes: int,
                  model_spec: ModelSpec, init: str | None) -> dict[str, Any]:
     dump = cfg.model_dump(mode="json")
@@ -203,41 +143,6 @@ def _fingerprint(cfg: SFTConfig, prompt_cfg: PromptConfig, rows: Sequence[Row], 
     return {"seed": seed, "num_processes": num_processes, "prompt": prompt_cfg.model_dump(mode="json"),
             "train_rows": ids, "model": model_spec.model_dump(mode="json"), "init": init,
             **{k: dump[k] for k in _RESUME_KEYS}}
-
-
-def _check_resume(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
-    old = saved.get("fingerprint", {})
-    diff = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
-    if diff:
-        raise PallmError(
-            f"{path}: this checkpoint was made with different {', '.join(diff)}; resuming would not continue the "
-            "same run. Use the same settings, or another --out (or overwrite) to start afresh."
-        )
-
-
-def _dev_record(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    subsets = metrics["subsets"]
-    rec: dict[str, Any] = {"step": step, "ua": subsets["all"]["ua"], "parse_rate": subsets["all"]["parse_rate"]}
-    for name in ("congruent", "conflict"):
-        if name in subsets:
-            rec[f"ua_{name}"] = subsets[name]["ua"]
-    fw = metrics.get("follows_words_rate")
-    if isinstance(fw, dict):
-        rec["follows_words_rate"] = fw["rate"]
-    return rec
-
-
-def _read_dev_curve(out: Path, upto: int) -> list[dict[str, Any]]:
-    path = out / TRAIN_LOG
-    if not path.exists():
-        return []
-    curve = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if rec.get("kind") == "dev" and rec["step"] <= upto:
-                curve.append({k: v for k, v in rec.items() if k not in ("kind", "time")})
-    return curve
 
 
 # --- training --------------------------------------------------------------------------------
@@ -305,13 +210,13 @@ def train_sft(
         raise PallmError(f"{out}: holds a finished stage-1 run (pallm.json). Choose another output folder, "
                          "or pass overwrite=True (--overwrite) to replace it.")
     if overwrite and main:  # replace whatever run is there, finished or not
-        _clear_run(out)
+        clear_run(out)
     accelerator.wait_for_everyone()
     resume = latest_checkpoint(out)
     init_id = str(Path(init).expanduser().resolve()) if init is not None and Path(init).expanduser().exists() else init
     fingerprint = _fingerprint(cfg, prompt_cfg, train_rows, seed, world, model_spec, str(init_id) if init_id else None)
     if resume is not None:  # before building the model: a mismatch is refused cheaply
-        _check_resume(read_trainer_state(resume[1]), fingerprint, resume[1])
+        check_resume(read_trainer_state(resume[1]), fingerprint, resume[1])
 
     # --- model ---
     seed_everything(seed)
@@ -357,7 +262,7 @@ def train_sft(
                       f"window; only their first {window:g} s are heard (truncated).", UserWarning, stacklevel=2)
 
     logger = RunLogger(out, enabled=main, resume_step=step)
-    dev_curve = _read_dev_curve(out, step) if (main and resume is not None) else []
+    dev_curve = read_dev_curve(out, step) if (main and resume is not None) else []
     device = accelerator.device
     g = cfg.batch_size * world  # examples per micro-batch over all processes
     task_ids = {"classify": 0, "respond": 1}
@@ -373,7 +278,7 @@ def train_sft(
             net = accelerator.unwrap_model(model)
             preds = predict(net, processor, dev_rows, "classify", prompt_cfg, labels, batch_size=cfg.eval_batch_size,
                             max_new_tokens=cfg.eval_max_new_tokens, audio_fn=cache.get)
-            rec = _dev_record(at, classification_metrics(preds, dev_rows, labels))
+            rec = dev_record(at, classification_metrics(preds, dev_rows, labels))
             dev_curve.append(rec)
             logger.log(at, {k: v for k, v in rec.items() if k != "step"}, kind="dev")
             model.train()
