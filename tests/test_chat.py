@@ -8,7 +8,6 @@ import warnings
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from typer.testing import CliRunner
 
 import pallm.cli.chat as chat_mod  # registers `chat` on the app
@@ -25,14 +24,6 @@ LABELS = ["negative", "neutral", "positive"]
 NEG = "<think>loudness: low. the voice sounds sad.</think><answer>negative</answer>"
 POS = "<think>loudness: high. the voice sounds happy.</think><answer>positive</answer>"
 REPLY = "<think>they sound low</think><response>That sounds hard.</response>"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

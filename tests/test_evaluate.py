@@ -11,7 +11,6 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from pallm.data.audio import load_audio
 from pallm.data.manifest import Row, read_manifest
@@ -41,14 +40,6 @@ LABELS = ["negative", "neutral", "positive"]
 CFG = PromptConfig()
 # The module, not the `predict` function the package re-exports under the same name.
 predict_mod = importlib.import_module("pallm.evaluate.predict")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -44,14 +44,6 @@ NAN = float("nan")
 SENTS = ("positive", "negative", "neutral")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_corpus(base: Path) -> Path:
     """12 short tones (10 train, 2 dev) with everything both tasks and all rewards read."""
     base.mkdir(parents=True, exist_ok=True)

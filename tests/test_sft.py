@@ -39,14 +39,6 @@ def small(**kw) -> SFTConfig:
     return SFTConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ps") / "ps80"

@@ -17,6 +17,9 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from pallm.data.manifest import Row
 from pallm.errors import ConfigError, PallmError
@@ -68,6 +71,18 @@ def check_task_weights(tasks: Mapping[str, float]) -> dict[str, float]:
     if not out:
         raise ConfigError(f"task_weights: at least one task needs a positive weight, got {dict(tasks)}.")
     return out
+
+
+def _task_weights_field(v: dict[str, float]) -> dict[str, float]:
+    try:
+        check_task_weights(v)
+    except ConfigError as e:
+        raise ValueError(str(e).removeprefix("task_weights: ")) from None
+    return v
+
+
+# The `task_weights` config field of both stages: task name -> share of examples/prompts.
+TaskWeights = Annotated[dict[str, float], AfterValidator(_task_weights_field)]
 
 
 def check_cues(rows: Sequence[Row], prompt_cfg: PromptConfig, where: str = "the corpus") -> None:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pallm.data.manifest import Row, manifest_path, read_manifest
 from pallm.errors import ConfigError, PallmError
@@ -69,6 +69,7 @@ from pallm.train.examples import (
     ExampleStream,
     can_serve,
     check_cues,
+    TaskWeights,
     check_task_weights,
     gold,
     select_dev_rows,
@@ -110,7 +111,7 @@ class GRPOConfig(BaseModel):
                                "response_judge", "length_penalty"]
     reward_weights: list[float] | None = None  # null: 1.0 each
     multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
-    task_weights: dict[str, float] = {"classify": 0.5, "respond": 0.5}
+    task_weights: TaskWeights = {"classify": 0.5, "respond": 0.5}
     dynamic_sampling: bool = False  # DAPO: replace zero-variance groups by fresh prompts
     dynamic_sampling_max_tries: int = Field(2, ge=1, description="refill rounds per micro-batch")
     # Share of prompts drawn from classify rows the model recently got (partly) wrong, weighted by
@@ -128,15 +129,6 @@ class GRPOConfig(BaseModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     freeze_audio_encoder: bool = False
     audio_cache: Literal["int16", "float32"] = "int16"
-
-    @field_validator("task_weights")
-    @classmethod
-    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
-        try:
-            check_task_weights(v)
-        except ConfigError as e:
-            raise ValueError(str(e).removeprefix("task_weights: ")) from None
-        return v
 
     @model_validator(mode="after")
     def _rewards(self) -> GRPOConfig:

@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from pallm.data.manifest import Row, manifest_path, read_manifest
-from pallm.errors import ConfigError, PallmError
+from pallm.errors import PallmError
 from pallm.model import IGNORE_INDEX, ModelSpec, build_tiny, encode_batch, load_pretrained
 from pallm.model.build import PALLM_META_FILE
 from pallm.prompts.format import PromptConfig, label_set
@@ -58,6 +58,7 @@ from pallm.train.examples import (
     ExampleStream,
     can_serve,
     check_cues,
+    TaskWeights,
     check_task_weights,
     select_dev_rows,
     select_train_rows,
@@ -82,7 +83,7 @@ class SFTConfig(BaseModel):
     weight_decay: float = Field(0.01, ge=0.0)
     max_grad_norm: float | None = Field(1.0, description="gradient clipping; null or 0 = off")
     # Task mixture: each epoch every row becomes one example, tasks assigned by these shares.
-    task_weights: dict[str, float] = {"classify": 0.5, "respond": 0.5}
+    task_weights: TaskWeights = {"classify": 0.5, "respond": 0.5}
     # None: every labelled train row. N: a seeded random N of them (nested: same seed, the 100
     # rows of budget 100 are among the 200 of budget 200), for data-scarcity experiments.
     label_budget: int | None = Field(None, ge=1)
@@ -99,15 +100,6 @@ class SFTConfig(BaseModel):
     gradient_checkpointing: bool = False
     log_every: int = Field(10, ge=1)
     audio_cache: Literal["int16", "float32"] = "int16"
-
-    @field_validator("task_weights")
-    @classmethod
-    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
-        try:
-            check_task_weights(v)
-        except ConfigError as e:
-            raise ValueError(str(e).removeprefix("task_weights: ")) from None
-        return v
 
 
 # Fields that change what a resumed run computes; a checkpoint made with other values is refused.
