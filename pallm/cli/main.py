@@ -131,6 +131,3 @@ def data_merge(
 
 from pallm.cli import stages  # noqa: E402,F401  (registers train/eval/run commands)
 from pallm.cli import chat  # noqa: E402,F401  (registers the chat command)
-
-if __name__ == "__main__":
-    app()
