@@ -475,3 +475,21 @@ def test_ddp_two_cpu_processes(corpus, tmp_path):
     assert logged != pytest.approx(np.mean(r0["first_rewards"]), abs=1e-6)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
     assert read_pallm_meta(out)["stage"] == "grpo"
+
+
+def test_conflict_share_draws_conflict_rows_as_classify_prompts(corpus):
+    from pallm.train.examples import ExampleStream
+    from pallm.train.grpo import PromptSampler
+
+    rows = [r for r in read_manifest(corpus) if r.split == "train"]
+    stream = ExampleStream(rows, {"classify": 0.5, "respond": 0.5}, PromptConfig(), list(SENTS), seed=0)
+    conflict = {r.id for r in rows if r.congruent is False}
+
+    def share(s: float) -> float:
+        sampler = PromptSampler(stream, rows, PromptConfig(), list(SENTS), 0.0, seed=0, conflict_share=s)
+        draws = sampler.draw(2000)
+        return np.mean([e.row.id in conflict and e.task == "classify" for e in draws])
+
+    base = len(conflict) / len(rows) * 0.5  # the stream alone: conflict rows, half of them as classify
+    assert share(0.0) == pytest.approx(base, abs=0.04)
+    assert share(0.6) == pytest.approx(0.6 + 0.4 * base, abs=0.04)

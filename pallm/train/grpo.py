@@ -117,6 +117,10 @@ class GRPOConfig(BaseModel):
     # Share of prompts drawn from classify rows the model recently got (partly) wrong, weighted by
     # the error rate of their last group; 0 = off. The rest come from the epoch stream.
     oversample_hard: float = Field(0.0, ge=0.0, lt=1.0)
+    # Share of prompts drawn (as classify) from train rows whose words and voice disagree; 0 = off.
+    # Stage 1 data is mostly congruent, so words predict the label there: conflict prompts are
+    # where the accuracy reward punishes the lexical shortcut.
+    conflict_share: float = Field(0.0, ge=0.0, lt=1.0)
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0 = only the final model)")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
@@ -152,7 +156,7 @@ _RESUME_KEYS = ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
                 "num_generations", "gradient_accumulation_steps", "temperature", "top_p", "max_completion_length", "beta",
                 "epsilon", "epsilon_high", "loss_type", "scale_rewards", "num_iterations", "reward_funcs", "reward_weights",
                 "multi_objective_aggregation", "task_weights", "dynamic_sampling", "dynamic_sampling_max_tries",
-                "oversample_hard", "mixed_precision", "lora", "freeze_audio_encoder")
+                "oversample_hard", "conflict_share", "mixed_precision", "lora", "freeze_audio_encoder")
 
 
 # --- the algorithm: pure functions ----------------------------------------------------------------
@@ -348,12 +352,18 @@ class PromptSampler:
     resuming continues the exact same sequence."""
 
     def __init__(self, stream: ExampleStream, rows: Sequence[Row], prompt_cfg: PromptConfig, labels: list[str],
-                 oversample_hard: float, seed: int):
+                 oversample_hard: float, seed: int, conflict_share: float = 0.0):
         self.stream, self.prompt_cfg, self.labels, self.hard_share = stream, prompt_cfg, labels, oversample_hard
         self.rows = {r.id: r for r in rows}
+        self.conflict_ids = sorted(r.id for r in rows if r.congruent is False)
+        self.conflict_share = conflict_share if self.conflict_ids else 0.0
         self.consumed = 0
         self.pool: dict[str, float] = {}  # row id -> accuracy of its last group (< 1)
         self.rng = np.random.default_rng(seed + 7919)
+
+    def _classify(self, row_id: str) -> Example:
+        row = self.rows[row_id]
+        return Example(row, "classify", build_prompt("classify", row, self.prompt_cfg, self.labels), "")
 
     def draw(self, n: int) -> list[Example]:
         out = []
@@ -361,8 +371,9 @@ class PromptSampler:
             if self.hard_share and self.pool and self.rng.random() < self.hard_share:
                 ids = sorted(self.pool)
                 w = np.array([1.0 - self.pool[i] for i in ids])
-                row = self.rows[ids[int(self.rng.choice(len(ids), p=w / w.sum()))]]
-                out.append(Example(row, "classify", build_prompt("classify", row, self.prompt_cfg, self.labels), ""))
+                out.append(self._classify(ids[int(self.rng.choice(len(ids), p=w / w.sum()))]))
+            elif self.conflict_share and self.rng.random() < self.conflict_share:
+                out.append(self._classify(self.conflict_ids[int(self.rng.integers(len(self.conflict_ids)))]))
             else:
                 out.append(self.stream.take(self.consumed, 1)[0])
                 self.consumed += 1
@@ -508,7 +519,7 @@ def train_grpo(
     fns = resolve_rewards(cfg.reward_funcs, reward_fns)
     w_rewards = torch.tensor(cfg.reward_weights or [1.0] * len(fns), dtype=torch.float32)
     stream = ExampleStream(train_rows, weights, prompt_cfg, labels, seed)
-    sampler = PromptSampler(stream, train_rows, prompt_cfg, labels, cfg.oversample_hard, seed)
+    sampler = PromptSampler(stream, train_rows, prompt_cfg, labels, cfg.oversample_hard, seed, cfg.conflict_share)
 
     accelerator = make_accelerator(1, cfg.mixed_precision)  # accumulation is done here (loss normalisers differ)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
