@@ -3,6 +3,8 @@ save one as a PALLM checkpoint (a plain `from_pretrained` folder + `pallm.json`)
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import re
@@ -154,11 +156,28 @@ def load_pretrained(name_or_path: str | os.PathLike, spec: ModelSpec | None = No
     try:
         # Without a spec, keep the checkpoint's own dtype (bf16 for the released Qwen models).
         dtype = _torch_dtype(spec.dtype) if spec is not None else "auto"
-        model = family.model_cls.from_pretrained(source, dtype=dtype, **from_pretrained_kwargs)
+        with _quiet_loading(path.is_dir()):
+            model = family.model_cls.from_pretrained(source, dtype=dtype, **from_pretrained_kwargs)
         processor = family.processor_cls.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise PallmError(f"{name_or_path}: failed to load ({_first_line(e)}).") from None
     return model.eval(), processor
+
+
+@contextlib.contextmanager
+def _quiet_loading(local: bool):
+    """No per-tensor progress bar for local checkpoints (it floods logs during evaluation loops);
+    downloads of real checkpoints keep theirs."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if local and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if local and was:
+            hf_logging.enable_progress_bar()
 
 
 # --- saving ----------------------------------------------------------------------------------
