@@ -577,3 +577,16 @@ def read_dev_curve(out: Path, upto: int) -> list[dict[str, Any]]:
             if rec.get("kind") == "dev" and rec["step"] <= upto:
                 curve.append({k: v for k, v in rec.items() if k not in ("kind", "time")})
     return curve
+
+
+def finish_run(accelerator, model, processor, out: Path, meta: dict[str, Any], summary: dict[str, Any],
+               meta_exclude: Sequence[str] = ("dev_curve",)) -> dict[str, Any]:
+    """Write `train_summary.json`, then publish the final model with the summary in pallm.json."""
+    meta["summary"] = {k: v for k, v in summary.items() if k not in meta_exclude}
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    publish_final(accelerator, model, processor, out, meta)
+    summary["out"] = str(out)
+    return summary
+

@@ -40,7 +40,6 @@ from pallm.model.batch import pad_token_id
 from pallm.model.build import PALLM_META_FILE, read_pallm_meta
 from pallm.prompts.format import TASKS, PromptConfig, build_prompt, label_set, parse_completion
 from pallm.train.common import (
-    SUMMARY_FILE,
     AudioCache,
     LoraSettings,
     RunLogger,
@@ -48,6 +47,7 @@ from pallm.train.common import (
     check_resume,
     clear_run,
     dev_record,
+    finish_run,
     build_optimizer,
     build_scheduler,
     freeze_audio_encoder,
@@ -57,7 +57,6 @@ from pallm.train.common import (
     load_training_checkpoint,
     make_accelerator,
     peak_rss_mb,
-    publish_final,
     read_dev_curve,
     save_training_checkpoint,
     seed_everything,
@@ -852,13 +851,7 @@ def train_grpo(
             "processes": world,
             "dev_curve": dev_curve,
         }
-        meta["summary"] = {k: v for k, v in summary.items() if k not in ("dev_curve", "final")}
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        publish_final(accelerator, policy, processor, out, meta)
-        summary["out"] = str(out)
-        return summary
+        return finish_run(accelerator, policy, processor, out, meta, summary, ("dev_curve", "final"))
     finally:
         logger.close()
 

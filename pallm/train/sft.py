@@ -11,7 +11,6 @@ docs/training.md.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 import warnings
@@ -29,7 +28,6 @@ from pallm.model import IGNORE_INDEX, ModelSpec, build_tiny, encode_batch, load_
 from pallm.model.build import PALLM_META_FILE
 from pallm.prompts.format import PromptConfig, label_set
 from pallm.train.common import (
-    SUMMARY_FILE,
     AudioCache,
     LoraSettings,
     RunLogger,
@@ -40,13 +38,13 @@ from pallm.train.common import (
     clear_run,
     configure_deepspeed,
     dev_record,
+    finish_run,
     freeze_audio_encoder,
     is_sharded,
     latest_checkpoint,
     load_training_checkpoint,
     make_accelerator,
     peak_rss_mb,
-    publish_final,
     read_dev_curve,
     read_trainer_state,
     save_training_checkpoint,
@@ -363,13 +361,7 @@ def train_sft(
             "dev_curve": dev_curve,
             "audio_cache_mb": round(cache.nbytes / 2**20, 1),
         }
-        meta["summary"] = {k: v for k, v in summary.items() if k != "dev_curve"}
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        publish_final(accelerator, model, processor, out, meta)
-        summary["out"] = str(out)
-        return summary
+        return finish_run(accelerator, model, processor, out, meta, summary)
     finally:
         logger.close()
 
