@@ -24,15 +24,28 @@ from pallm.errors import PallmError
 Say = Callable[[str], None]
 
 
-def _corpus(cfg: RunConfig, say: Say, progress_factory) -> Path:
+def corpus_for(cfg: RunConfig, say: Say, progress_factory, times: dict[str, float] | None = None) -> Path:
+    """The run's corpus folder: the configured one, or ParaSynth generated (and cached) under
+    `data.cache_dir`; cues measured (cached) when `data.measure_cues`."""
+    times = {} if times is None else times
+    t0 = time.perf_counter()
     if cfg.data.corpus is not None:
-        return Path(cfg.data.corpus)
-    from pallm.data.parasynth import ensure_parasynth
+        corpus = Path(cfg.data.corpus)
+    else:
+        from pallm.data.parasynth import ensure_parasynth
 
-    target = Path(cfg.data.cache_dir) / f"parasynth-{cfg.data.synth.fingerprint()}"
-    with progress_factory("synthesising ParaSynth") as cb:
-        corpus, reused = ensure_parasynth(cfg.data.synth, target, cb)
-    say(f"data: ParaSynth at {corpus}" + (" (cached)" if reused else ""))
+        target = Path(cfg.data.cache_dir) / f"parasynth-{cfg.data.synth.fingerprint()}"
+        with progress_factory("synthesising ParaSynth") as cb:
+            corpus, reused = ensure_parasynth(cfg.data.synth, target, cb)
+        say(f"data: ParaSynth at {corpus}" + (" (cached)" if reused else ""))
+    times["data"] = time.perf_counter() - t0
+    if cfg.data.measure_cues:
+        from pallm.acoustics import annotate_corpus
+
+        t0 = time.perf_counter()
+        with progress_factory("measuring cues") as cb:
+            annotate_corpus(corpus, num_workers=cfg.data.synth.workers, progress=cb)
+        times["cues"] = time.perf_counter() - t0
     return corpus
 
 
@@ -116,16 +129,7 @@ def run_pipeline(cfg: RunConfig, out: Path, say: Say, progress_factory, overwrit
     notes: list[str] = []
     models: dict[str, Any] = {}
 
-    t0 = time.perf_counter()
-    corpus = _corpus(cfg, say, progress_factory)
-    times["data"] = time.perf_counter() - t0
-    if cfg.data.measure_cues:
-        from pallm.acoustics import annotate_corpus
-
-        t0 = time.perf_counter()
-        with progress_factory("measuring cues") as cb:
-            annotate_corpus(corpus, num_workers=cfg.data.synth.workers, progress=cb)
-        times["cues"] = time.perf_counter() - t0
+    corpus = corpus_for(cfg, say, progress_factory, times)
 
     rows = read_manifest(corpus)
     train = [r for r in rows if r.split == "train"]

@@ -46,19 +46,9 @@ def load_run_config(config: Optional[Path], overrides: Optional[list[str]], pres
 
 
 def _corpus_of(cfg) -> Path:
-    if cfg.data.corpus is None:
-        from pallm.data.parasynth import ensure_parasynth
+    from pallm.pipeline import corpus_for
 
-        target = Path(cfg.data.cache_dir) / f"parasynth-{cfg.data.synth.fingerprint()}"
-        with rich_task("synthesising ParaSynth") as cb:
-            corpus, _ = ensure_parasynth(cfg.data.synth, target, cb)
-        if cfg.data.measure_cues:
-            from pallm.acoustics import annotate_corpus
-
-            with rich_task("measuring cues") as cb:
-                annotate_corpus(corpus, num_workers=cfg.data.synth.workers, progress=cb)
-        return corpus
-    return Path(cfg.data.corpus)
+    return corpus_for(cfg, say=lambda m: console.print(m, highlight=False), progress_factory=rich_task)
 
 
 @train_app.command("sft")

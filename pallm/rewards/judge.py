@@ -172,6 +172,14 @@ def _replies(completions: list, kwargs: dict) -> tuple[list, list[str | None], l
     return tasks, replies, [t == "respond" for t in tasks]
 
 
+def _judge_inputs(completions: list, kwargs: dict) -> tuple[list, ...]:
+    """Per completion: applies (task is respond), reply, and the row fields both judges read."""
+    n = len(completions)
+    _, replies, applies = _replies(completions, kwargs)
+    return (applies, replies, column(kwargs, "emotion", n), column(kwargs, "sentiment", n),
+            column(kwargs, "lexical_sentiment", n), column(kwargs, "congruent", n), column(kwargs, "transcript", n))
+
+
 @register("response_judge")
 def response_judge(prompts: list, completions: list, **kwargs) -> list[float | None]:
     """The embedded judge (see judge_reply); None unless task=respond; 0 for no <response>.
@@ -180,10 +188,7 @@ def response_judge(prompts: list, completions: list, **kwargs) -> list[float | N
     rows of k > 1 different voice emotions within this call is divided by k: it ignores the clip.
     """
     n = len(completions)
-    tasks, replies, applies = _replies(completions, kwargs)
-    emotions, sentiments = column(kwargs, "emotion", n), column(kwargs, "sentiment", n)
-    lexicals, congruents = column(kwargs, "lexical_sentiment", n), column(kwargs, "congruent", n)
-    transcripts = column(kwargs, "transcript", n)
+    applies, replies, emotions, sentiments, lexicals, congruents, transcripts = _judge_inputs(completions, kwargs)
     out: list[float | None] = [None] * n
     seen: dict[tuple, set] = {}
     keys: list[tuple | None] = [None] * n
@@ -297,10 +302,7 @@ def make_llm_judge(
 
     def llm_judge(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         n = len(completions)
-        tasks, replies, applies = _replies(completions, kwargs)
-        emotions, sentiments = column(kwargs, "emotion", n), column(kwargs, "sentiment", n)
-        lexicals, congruents = column(kwargs, "lexical_sentiment", n), column(kwargs, "congruent", n)
-        transcripts = column(kwargs, "transcript", n)
+        applies, replies, emotions, sentiments, lexicals, congruents, transcripts = _judge_inputs(completions, kwargs)
         out: list[float | None] = [None] * n
         keys: dict[int, str] = {}
         todo: dict[str, str] = {}  # key -> user message; duplicates in a GRPO group are asked once
