@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -51,6 +50,13 @@ def _corpus_of(cfg) -> Path:
     return corpus_for(cfg, say=lambda m: console.print(m, highlight=False), progress_factory=rich_task)
 
 
+def _print_summary(summary: dict) -> None:
+    """The run's scalar results on one line each; the full summary is in OUT/train_summary.json."""
+    for k, v in summary.items():
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            console.print(f"{k}: {round(v, 4) if isinstance(v, float) else v}", highlight=False)
+
+
 @train_app.command("sft")
 @friendly_errors
 def train_sft_cmd(
@@ -67,7 +73,7 @@ def train_sft_cmd(
     with rich_task("stage 1 (SFT)") as cb:
         summary = train_sft(cfg.sft, cfg.model, cfg.prompt, corpus, out, seed=cfg.seed,
                             progress=lambda s, n, m: cb(s, n), overwrite=overwrite)
-    console.print(json.dumps(summary, indent=1, default=str)[:1500], highlight=False)
+    _print_summary(summary)
 
 
 @train_app.command("grpo")
@@ -87,7 +93,7 @@ def train_grpo_cmd(
     with rich_task("stage 2 (GRPO)") as cb:
         summary = train_grpo(cfg.grpo, cfg.prompt, corpus, init, out, seed=cfg.seed,
                              progress=lambda s, n, m: cb(s, n), overwrite=overwrite)
-    console.print(json.dumps(summary, indent=1, default=str)[:1500], highlight=False)
+    _print_summary(summary)
 
 
 @app.command("eval")
