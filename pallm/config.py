@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -86,53 +86,3 @@ def build_config(
 
 def dump_config(cfg: BaseModel, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-
-
-# --- The whole pipeline's config (`pallm run`). Stage sections grow with the stages. ---------
-
-from pydantic import ConfigDict, Field  # noqa: E402
-
-from pallm.data.parasynth.generate import SynthConfig  # noqa: E402
-from pallm.model.build import ModelSpec  # noqa: E402
-from pallm.prompts.format import PromptConfig  # noqa: E402
-from pallm.train.grpo import GRPOConfig  # noqa: E402
-from pallm.train.sft import SFTConfig  # noqa: E402
-
-
-class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # Corpus folder holding manifest.jsonl. Null: ParaSynth, generated (and cached) under cache_dir.
-    corpus: str | None = None
-    cache_dir: str = "cache"
-    synth: SynthConfig = Field(default_factory=SynthConfig)
-    measure_cues: bool = True
-
-
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(96, ge=1)
-    limit: int | None = Field(None, ge=1, description="evaluate on the first N test rows only")
-    probes: bool = True  # lexical-shortcut probes (silence, same words with another voice)
-    response: bool = True  # reply generation scored by the embedded judge
-    response_rows: int = Field(96, ge=1)
-    examples: int = Field(6, ge=0, description="example outputs shown in the report")
-
-
-class RunConfig(BaseModel):
-    """One schema for every command: `pallm train sft/grpo` read the sections they need."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int = 0
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    prompt: PromptConfig = Field(default_factory=PromptConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    stages: list[Literal["sft", "grpo"]] = ["sft", "grpo"]
-    grpo_init: str | None = None  # stage-1 checkpoint when 'sft' is not among the stages
-    baselines: list[Literal["acoustic", "text"]] = ["acoustic", "text"]

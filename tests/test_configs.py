@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pallm.config import RunConfig, build_config
+from pallm.config import build_config
+from pallm.pipeline import RunConfig
 from pallm.data.manifest import read_manifest
 from pallm.errors import ManifestError
 

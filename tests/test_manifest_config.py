@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pallm.config import RunConfig, build_config, parse_overrides
+from pallm.config import build_config, parse_overrides
+from pallm.pipeline import RunConfig
 from pallm.data.audio import load_audio
 from pallm.data.manifest import Row, read_manifest, write_manifest
 from pallm.errors import AudioError, ConfigError, ManifestError

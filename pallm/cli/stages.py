@@ -36,7 +36,8 @@ def rich_task(description: str):
 
 
 def load_run_config(config: Optional[Path], overrides: Optional[list[str]], preset: str = "default"):
-    from pallm.config import RunConfig, build_config, parse_overrides
+    from pallm.config import build_config, parse_overrides
+    from pallm.pipeline import RunConfig
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}'; presets: {', '.join(PRESETS)}")
