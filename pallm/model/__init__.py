@@ -1,6 +1,7 @@
 """Audio LLMs for PALLM: thin wrappers around Hugging Face models (see docs/model.md).
 
     model, processor = build_tiny(texts)                       # random tiny Qwen2-Audio, local tokenizer
+    model, processor = build_tiny(texts, ModelSpec(family="qwen2_5_omni_thinker"))   # tiny Qwen2.5-Omni thinker
     model, processor = load_pretrained("Qwen/Qwen2-Audio-7B-Instruct")
     batch = encode_batch(processor, audios, prompts, completions)   # labels on completions only
     texts = generate(model, processor, audios, prompts, do_sample=True, num_return_sequences=4)
@@ -19,6 +20,7 @@ from pallm.model.build import (
     save_checkpoint,
 )
 from pallm.model.families import FAMILIES, Family, family_of, get_family
+from pallm.model.omni import OmniAudioProcessor
 from pallm.model.tokenizer import AUDIO_SPECIAL_TOKENS, SPECIAL_TOKENS, TASK_TOKENS, train_tokenizer
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "TASK_TOKENS",
     "Family",
     "ModelSpec",
+    "OmniAudioProcessor",
     "TinySize",
     "banned_token_ids",
     "build_tiny",

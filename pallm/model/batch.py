@@ -138,6 +138,24 @@ def encode_batch(
     return BatchFeature(out)
 
 
+def prompt_position_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        feature_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids of a left-padded prompt batch exactly as `model.generate` builds them.
+
+    [B, L] (real tokens counted, padding 0) for 1-D RoPE models (Qwen2-Audio). Models with
+    multimodal RoPE (the Qwen2.5-Omni thinker: `get_rope_index`) get [4, B, L]: that text row, then
+    the model's own temporal/height/width rows -- the layout its `_prepare_position_ids_for_generation`
+    produces and `generate` extends by one per new token. (For audio-only prompts the three rows
+    equal the text positions; TMRoPE only spreads image/video grids.)
+    """
+    text = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if not hasattr(model, "get_rope_index"):
+        return text
+    seqlens = feature_attention_mask.sum(-1) if feature_attention_mask is not None else None
+    rope, _ = model.get_rope_index(input_ids, attention_mask=attention_mask, audio_seqlens=seqlens)
+    return torch.cat([text[None], rope.to(text.device)], 0)
+
+
 def banned_token_ids(model, processor) -> list[int]:
     """Ids a completion must never contain: the family's placeholders (audio bos/token/eos), and
     output rows with no token (real checkpoints pad the embedding matrix beyond the tokenizer)."""

@@ -102,8 +102,9 @@ def _read_json(f: Path) -> dict[str, Any]:
 
 def _check_local_checkpoint(path: Path) -> Family:
     """Fail early with a message that names what is missing, instead of a deep transformers error."""
-    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
-        raise PallmError(f"{path}: is a LoRA adapter folder, not a full checkpoint. Merge it first (see docs/model.md).")
+    if not (path / "config.json").exists() and any((d / "adapter_config.json").exists() for d in (path, path / "adapter")):
+        raise PallmError(f"{path}: is a LoRA adapter, not a full checkpoint. Merge it first: "
+                         f"pallm export --merge --model {path} --out MERGED_DIR")
     if not (path / "config.json").exists():
         raise PallmError(f"{path}: not a model checkpoint (no config.json). Point to a folder written by save_checkpoint.")
     cfg = _read_json(path / "config.json")
@@ -158,7 +159,7 @@ def load_pretrained(name_or_path: str | os.PathLike, spec: ModelSpec | None = No
         dtype = _torch_dtype(spec.dtype) if spec is not None else "auto"
         with _quiet_loading(path.is_dir()):
             model = family.model_cls.from_pretrained(source, dtype=dtype, **from_pretrained_kwargs)
-        processor = family.processor_cls.from_pretrained(source)
+        processor = family.processor_from_pretrained(source)
     except (OSError, ValueError) as e:
         raise PallmError(f"{name_or_path}: failed to load ({_first_line(e)}).") from None
     return model.eval(), processor

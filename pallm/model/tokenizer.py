@@ -10,7 +10,7 @@ real model's order (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|AUDIO|>`, 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import Qwen2Tokenizer
@@ -33,24 +33,35 @@ TASK_TOKENS = ("<think>", "</think>", "<answer>", "</answer>", "<response>", "</
 _SCAFFOLD = ["system\nYou are a helpful assistant.", "user\nAudio 1: \n", "assistant\n"]
 
 
-def _strip_markup(texts: Iterable[str]) -> Iterator[str]:
+def _strip_markup(texts: Iterable[str], specials: Sequence[str] = SPECIAL_TOKENS) -> Iterator[str]:
     """Remove special/task tokens before BPE training: they get ids of their own, and merges
     learned across them would waste the small vocabulary."""
     for t in texts:
         if not isinstance(t, str):
             raise PallmError(f"train_tokenizer: texts must be strings, got {type(t).__name__}.")
-        for tok in SPECIAL_TOKENS + TASK_TOKENS:
+        for tok in tuple(specials) + TASK_TOKENS:
             t = t.replace(tok, " ")
         yield t
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, chat_template: str | None = None) -> Qwen2Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 1024,
+    chat_template: str | None = None,
+    extra_special_tokens: Sequence[str] = (),
+    named_tokens: Mapping[str, str] | None = None,
+) -> Qwen2Tokenizer:
     """Train a byte-level BPE (<= `vocab_size` ids incl. the 256 byte symbols) on `texts`.
 
     Any text encodes (byte fallback is built in), so texts only steer which merges exist.
-    Deterministic for the same texts and vocab_size.
+    Deterministic for the same texts and vocab_size. `extra_special_tokens` are added right after
+    the standard ones (a family's other placeholders, e.g. Qwen2.5-Omni's image/video tokens);
+    `named_tokens` ({"audio_token": "<|AUDIO|>", ...}) become tokenizer attributes
+    (`tok.audio_token`, `tok.audio_token_id`) and are saved in tokenizer_config.json, as processors
+    such as `Qwen2_5OmniProcessor` expect.
     """
-    n_fixed = 256 + len(SPECIAL_TOKENS) + len(TASK_TOKENS)
+    specials = tuple(SPECIAL_TOKENS) + tuple(t for t in extra_special_tokens if t not in SPECIAL_TOKENS)
+    n_fixed = 256 + len(specials) + len(TASK_TOKENS)
     if vocab_size < n_fixed:
         raise PallmError(f"tokenizer vocab_size={vocab_size} is too small; use at least {n_fixed}.")
     bpe = Tokenizer(models.BPE())
@@ -64,17 +75,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, chat_template:
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         # Room is left for the special and task tokens so len(tokenizer) stays <= vocab_size.
-        vocab_size=vocab_size - len(SPECIAL_TOKENS) - len(TASK_TOKENS) + 1,
+        vocab_size=vocab_size - len(specials) - len(TASK_TOKENS) + 1,
         min_frequency=2,
         special_tokens=[ENDOFTEXT],  # id 0, like Qwen2Tokenizer's default vocab
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(list(_strip_markup(texts)) + _SCAFFOLD, trainer)
+    bpe.train_from_iterator(list(_strip_markup(texts, specials)) + _SCAFFOLD, trainer)
 
     state = json.loads(bpe.to_str())["model"]
     tok = Qwen2Tokenizer(vocab=state["vocab"], merges=[tuple(m) for m in state["merges"]])
-    tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+    tok.add_special_tokens({"additional_special_tokens": list(specials[1:])})
+    if named_tokens:
+        # Named only now: names given to the constructor would be added to the vocabulary first,
+        # out of the real order. (transformers 5 keeps them in `SPECIAL_TOKENS_ATTRIBUTES`, saves
+        # them in tokenizer_config.json and restores them on load, as for released checkpoints.)
+        tok._set_model_specific_special_tokens(dict(named_tokens))
     tok.add_tokens(list(TASK_TOKENS), special_tokens=False)
     if chat_template is not None:
         tok.chat_template = chat_template

@@ -16,7 +16,7 @@ from transformers import GenerationConfig
 
 from pallm.errors import PallmError
 from pallm.model import banned_token_ids, encode_batch
-from pallm.model.batch import pad_token_id
+from pallm.model.batch import pad_token_id, prompt_position_ids
 from pallm.model.families import family_of
 
 
@@ -98,13 +98,16 @@ class HFBackend:
         batch = encode_batch(self.processor, audios, prompts, system=self.system,
                              max_audio_seconds=self.max_audio_seconds, padding_side="left").to(model.device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        # Left padding: positions count real tokens only, exactly as `generate` derives them.
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Left padding: positions count real tokens only, exactly as `generate` derives them. The
+        # Qwen2.5-Omni thinker (3-D multimodal RoPE) gets generate's [4, B, L] layout; passing it to
+        # generate as well keeps decoding off the model's cached `rope_deltas` (set per batch size).
+        pos = prompt_position_ids(model, ids, mask, batch["feature_attention_mask"])
+        rope = {"position_ids": pos.repeat_interleave(G, 1)} if pos.dim() == 3 else {}
         was_training = model.training
         model.eval()
         try:
             # Prefill all but the last prompt token: generate needs at least one new token to feed.
-            cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+            cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[..., :-1],
                           input_features=batch["input_features"], feature_attention_mask=batch["feature_attention_mask"],
                           use_cache=True).cache
             cache.batch_repeat_interleave(G)
@@ -114,7 +117,7 @@ class HFBackend:
                 suppress_tokens=self._banned, eos_token_id=self._stop, pad_token_id=pad_token_id(tok),
             )
             out = model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
-                                 cache=cache, generation_config=cfg)
+                                 cache=cache, generation_config=cfg, **rope)
         finally:
             model.train(was_training)
         return cut_at_stop(out[:, ids.shape[1]:].tolist(), self._stop)
