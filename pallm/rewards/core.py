@@ -263,6 +263,68 @@ def make_cue_grounding(
 register("cue_grounding")(make_cue_grounding())
 
 
+# --------------------------------------------------------------------------- affect grounding
+
+_VOICE_RE = re.compile(r"the voice sounds\s+([^.<]*)")
+_WORDS_RE = re.compile(r"the words sound\s+([^.<]*)")
+_AFFECT_WORDS = set(EMOTION_VA) | set(SENTIMENTS)
+
+
+def _one_claim(pattern: re.Pattern, think: str) -> str | None:
+    """The single affect word a think part claims; "conflict" if it names two (in one clause or
+    across repeats: hedging is never right); None if it makes no such claim."""
+    found = {w for clause in pattern.findall(think.lower()) for w in re.findall(r"[a-z]+", clause)
+             if w in _AFFECT_WORDS}
+    return found.pop() if len(found) == 1 else ("conflict" if found else None)
+
+
+def _valence(word: str) -> str | None:
+    return word if word in SENTIMENTS else (SENTIMENTS[EMOTION_VA[word][0] + 1] if word in EMOTION_VA else None)
+
+
+def _claim_matches(claim: str, gold: str) -> bool:
+    """Exact, or one side is a sentiment and the other an emotion of that valence ("sad" for a
+    negative gold, "negative" for a sad one): less specific is not wrong."""
+    if claim == gold:
+        return True
+    return (claim in SENTIMENTS or gold in SENTIMENTS) and _valence(claim) == _valence(gold) is not None
+
+
+@register("affect_grounding")
+def affect_grounding(prompts: list, completions: list, **kwargs) -> list[float | None]:
+    """The think part's two affect claims, checked against the row: "the voice sounds E" against
+    its `emotion` (or `sentiment`), and "the words sound L" against its `lexical_sentiment` when
+    that is known and the prompt had the transcript. (right - wrong) / checkable claims; a missing
+    claim scores 0, two different values for one claim are wrong. Applies to BOTH tasks: a reply's
+    reasoning must hear the voice as well, so the respond task trains the same perception the
+    classify task is scored on (and words read as words, kept apart from the voice, is the
+    shortcut's antidote). None when nothing is checkable or no think part is expected."""
+    n = len(completions)
+    rows = zip(map(completion_text, completions), column(kwargs, "emotion", n), column(kwargs, "sentiment", n),
+               column(kwargs, "lexical_sentiment", n), column(kwargs, "transcript_in_prompt", n, True),
+               column(kwargs, "cot", n, True))
+    out: list[float | None] = []
+    for text, emotion, sentiment, lexical, said, cot in rows:
+        checks = []
+        voice_gold = str(emotion or sentiment or "").lower()
+        if voice_gold:
+            checks.append((_VOICE_RE, voice_gold))
+        if lexical and said:
+            checks.append((_WORDS_RE, str(lexical).lower()))
+        if not checks or not cot:
+            out.append(None)
+            continue
+        m = re.search(r"<think>(.*?)(?:</think>|$)", text, flags=re.S)
+        think = m.group(1) if m else ""
+        score = 0.0
+        for pattern, gold in checks:
+            claim = _one_claim(pattern, think)
+            if claim is not None:
+                score += 1.0 if claim != "conflict" and _claim_matches(claim, gold) else -1.0
+        out.append(score / len(checks))
+    return out
+
+
 # --------------------------------------------------------------------------- length and repetition
 
 def make_length_penalty(max_chars: int = 600) -> RewardFn:
