@@ -131,3 +131,4 @@ def data_merge(
 
 from pallm.cli import stages  # noqa: E402,F401  (registers train/eval/run commands)
 from pallm.cli import chat  # noqa: E402,F401  (registers the chat command)
+from pallm.cli import export  # noqa: E402,F401  (registers the export command)

@@ -132,6 +132,10 @@ class GRPOConfig(BaseModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     freeze_audio_encoder: bool = False
     audio_cache: Literal["int16", "float32"] = "int16"
+    # Rollouts from a vLLM engine colocated with each process (TRL's names; pallm/train/rollout_vllm.py).
+    use_vllm: bool = False
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share of each colocated vLLM engine")
+    vllm_max_model_length: int | None = Field(None, ge=1, description="vLLM context; null = the model's")
 
     @model_validator(mode="after")
     def _rewards(self) -> GRPOConfig:
@@ -421,7 +425,8 @@ def reward_kwargs(examples: Sequence[Example], G: int, prompt_cfg: PromptConfig,
     for f in REWARD_ROW_FIELDS:
         kw[f] = [getattr(e.row, f, None) for e in examples for _ in range(G)]
     n = len(examples) * G
-    kw.update(labels=[list(labels)] * n, target=[prompt_cfg.target] * n, cot=[prompt_cfg.cot] * n)
+    kw.update(labels=[list(labels)] * n, target=[prompt_cfg.target] * n, cot=[prompt_cfg.cot] * n,
+              transcript_in_prompt=[prompt_cfg.transcript] * n)
     return kw
 
 
@@ -559,6 +564,10 @@ def train_grpo(
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.steps, cfg.warmup_ratio)
     scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
     policy = accelerator.unwrap_model(scorer).policy
+    if backend is None and cfg.use_vllm:
+        from pallm.train.rollout_vllm import VLLMBackend
+
+        backend = VLLMBackend.for_grpo(cfg, init_name, policy, processor, accelerator, seed * 1009 + rank)
     rollout = backend or HFBackend(policy, processor)
     rollout.sync_weights(policy)
     stop_ids, pad_id = stop_token_ids(processor), pad_token_id(processor.tokenizer)
