@@ -493,3 +493,25 @@ def test_conflict_share_draws_conflict_rows_as_classify_prompts(corpus):
     base = len(conflict) / len(rows) * 0.5  # the stream alone: conflict rows, half of them as classify
     assert share(0.0) == pytest.approx(base, abs=0.04)
     assert share(0.6) == pytest.approx(0.6 + 0.4 * base, abs=0.04)
+
+
+def test_gradient_checkpointing_same_updates(tiny, corpus, tmp_path):
+    """Gradient checkpointing (train mode, dropout zeroed) trains exactly like the default eval-mode
+    path: same logged losses and the same weights after the steps, with a dev evaluation in between
+    (which must hand the model back in train mode, or checkpointing would silently stop)."""
+    fns = {"hash": text_hash_reward}
+    outs = {}
+    for gc in (False, True):
+        model = copy.deepcopy(tiny[0])
+        for m in model.modules():  # dropout as a real checkpoint may have it must not leak into the update
+            if isinstance(getattr(m, "dropout", None), float):
+                m.dropout = 0.1
+        cfg = small(steps=3, eval_every=2, eval_rows=2, gradient_checkpointing=gc, reward_funcs=["hash"])
+        train_grpo(cfg, PromptConfig(), corpus, (model, tiny[1]), tmp_path / str(gc), reward_fns=fns)
+        outs[gc] = (load_file(tmp_path / str(gc) / "model.safetensors"), log_records(tmp_path / str(gc)))
+        if gc:
+            assert model.training and model.is_gradient_checkpointing
+    (wa, la), (wb, lb) = outs[False], outs[True]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    losses = [[r["loss"] for r in log if r["kind"] == "train"] for log in (la, lb)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)

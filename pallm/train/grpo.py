@@ -131,6 +131,9 @@ class GRPOConfig(BaseModel):
     mixed_precision: Literal["no", "bf16", "auto"] = "auto"
     lora: LoraSettings = Field(default_factory=LoraSettings)
     freeze_audio_encoder: bool = False
+    # Recompute activations in the backward pass (memory for compute; docs/scale_out.md). Needs
+    # train mode, so dropout is switched off first (TRL's disable_dropout), as eval mode does otherwise.
+    gradient_checkpointing: bool = False
     audio_cache: Literal["int16", "float32"] = "int16"
     # Rollouts from a vLLM engine colocated with each process (TRL's names; pallm/train/rollout_vllm.py).
     use_vllm: bool = False
@@ -160,6 +163,17 @@ _RESUME_KEYS = ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
                 "epsilon", "epsilon_high", "loss_type", "scale_rewards", "num_iterations", "reward_funcs", "reward_weights",
                 "multi_objective_aggregation", "task_weights", "dynamic_sampling", "dynamic_sampling_max_tries",
                 "oversample_hard", "conflict_share", "mixed_precision", "lora", "freeze_audio_encoder")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout (modules, and attention dropout read from `attention_dropout`)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+        if isinstance(getattr(m, "dropout", None), float):
+            m.dropout = 0.0
 
 
 # --- the algorithm: pure functions ----------------------------------------------------------------
@@ -551,9 +565,15 @@ def train_grpo(
         freeze_audio_encoder(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
-    # Eval mode throughout: dropout would make the log-probs of the update differ from those of
-    # the sampling policy (TRL: disable_dropout). Gradients flow in eval mode all the same.
-    model.eval()
+    # No dropout: it would make the log-probs of the update differ from those of the sampling
+    # policy (TRL: disable_dropout). Eval mode does that, and gradients flow in it all the same;
+    # gradient checkpointing only acts in train mode, so there dropout is zeroed instead.
+    if cfg.gradient_checkpointing:
+        disable_dropout(model)
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.eval()
     model.config.use_cache = False
     ref_scorer = None
     if cfg.beta > 0 and not is_peft(model):  # PEFT: the reference is the same model with adapters disabled
@@ -788,8 +808,10 @@ def train_grpo(
         from pallm.evaluate.predict import predict
 
         if main:
+            was_training = policy.training
             preds = predict(policy, processor, dev_rows, "classify", prompt_cfg, labels, batch_size=cfg.eval_batch_size,
                             max_new_tokens=cfg.max_completion_length, audio_fn=cache.get)
+            policy.train(was_training)
             rec = dev_record(at, classification_metrics(preds, dev_rows, labels))
             dev_curve.append(rec)
             logger.log(at, {k: v for k, v in rec.items() if k != "step"}, kind="dev")
