@@ -31,7 +31,7 @@ class _Handler(BaseHTTPRequestHandler):
     "ok" / "ok:TEXT": 200 with TEXT (default GOOD) as the assistant message; "429:S": 429 with
     Retry-After S; "500", "401": that status; "notjson": 200 with a non-JSON body; "nochoices": 200
     with JSON but no choices; "sleep:S": wait S
-    seconds, then "ok"."""
+    seconds, then "ok". When the script is empty, `server.route(body)` (if set) picks the action."""
 
     def log_message(self, *args):
         pass
@@ -42,7 +42,7 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.lock:
             srv.seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization"),
                              "t": time.monotonic()})
-            action = srv.script.pop(0) if srv.script else "ok"
+            action = srv.script.pop(0) if srv.script else (srv.route(body) if srv.route else "ok")
             srv.inflight += 1
             srv.max_inflight = max(srv.max_inflight, srv.inflight)
         try:
@@ -82,7 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
-    srv.lock, srv.script, srv.seen = threading.Lock(), [], []
+    srv.lock, srv.script, srv.seen, srv.route = threading.Lock(), [], [], None
     srv.inflight = srv.max_inflight = 0
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -304,3 +304,124 @@ def test_rate_limiter_pause_holds_everyone():
 def test_wav_bytes_clips_instead_of_wrapping():
     data, sr = sf.read(io.BytesIO(wav_bytes(np.array([0.5, 1.7, -2.0], np.float32))), dtype="float32")
     assert sr == 16_000 and data[1] > 0.99 and data[2] < -0.99
+
+
+# --- API models and the LLM judge as rows of `pallm run` (run_pipeline) ---------------------------
+
+REPLY = "<think>you sound low</think><response>That sounds hard, but you sound calm about it. Want to talk?</response>"
+
+
+def _route(body):
+    """The fake server as an audio model (classify / respond) and as the LLM judge."""
+    msgs = body["messages"]
+    if msgs[0]["role"] == "system" and "You grade a reply" in msgs[0]["content"]:
+        # The judge: a reply to the row whose transcript says FAILME gets an answer without a score.
+        return "ok:no score today" if "FAILME" in msgs[1]["content"] else 'ok:{"score": 7, "reason": "fits"}'
+    text = msgs[-1]["content"][-1]["text"]
+    return f"ok:{REPLY}" if "<response>" in text else "ok"
+
+
+@pytest.fixture
+def run_corpus(tmp_path):
+    """8 train + 4 test rows (noise clips), labels, conflict flags and reference replies."""
+    from pallm.data.manifest import write_manifest
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "corpus").mkdir()
+    rows = []
+    sents = ["negative", "neutral", "positive", "negative"]
+    for split, n in (("train", 8), ("test", 4)):
+        for i in range(n):
+            name = f"{split}{i}.wav"
+            sf.write(tmp_path / "corpus" / name, (0.1 * rng.standard_normal(8000)).astype(np.float32), 16_000)
+            s = sents[i % 4]
+            rows.append(Row(id=f"{split}{i}", audio=name, corpus="t", speaker=f"{split}-s{i % 2}", split=split,
+                            sentiment=s, lexical_sentiment=s if i % 2 == 0 else "positive", congruent=i % 2 == 0,
+                            transcript=("FAILME said" if (split, i) == ("test", 3) else f"{split} words {s} {i}"),
+                            response="I hear you."))
+    write_manifest(rows, tmp_path / "corpus")
+    return tmp_path / "corpus"
+
+
+def _pipeline(tmp_path, corpus, *overrides):
+    import contextlib
+
+    from pallm.config import build_config
+    from pallm.pipeline import RunConfig, run_pipeline
+
+    @contextlib.contextmanager
+    def quiet(_description):
+        yield lambda done, total: None
+
+    cfg = build_config(RunConfig, overrides=[
+        f"data.corpus={corpus}", "data.measure_cues=false", "stages=[]", "ablations=[]",
+        "baselines=[text,api:gpt-4o-audio]", f"eval.api.cache_dir={tmp_path / 'api-cache'}", "eval.api.retries=0",
+        "eval.api.max_concurrency=1", "eval.api.probes=true", *overrides])
+    said = []
+    results = run_pipeline(cfg, tmp_path / "run", say=said.append, progress_factory=quiet)
+    return results, (tmp_path / "run" / "report.md").read_text(), json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_run_without_key_skips_the_api_row_with_a_note(run_corpus, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    results, report, metrics = _pipeline(tmp_path, run_corpus)
+    assert list(metrics["models"]) == ["text TF-IDF + LR"]  # the run did not fail
+    note = "OPENAI_API_KEY not set: gpt-4o-audio skipped"
+    assert any(note in n for n in metrics["notes"]) and note in report
+
+
+def test_api_row_in_the_run_cached_partial_and_resumable(server, run_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-local")
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    server.route = _route
+    server.script = ["500"]  # the first request fails for good (retries=0): that row is unparsable
+    results, report, metrics = _pipeline(tmp_path, run_corpus)
+    row = metrics["models"]["gpt-4o-audio (API)"]
+    assert row["kind"] == "api" and row["api"]["model"] == "gpt-4o-audio-preview"
+    assert {"all", "congruent", "conflict"} <= set(row["metrics"]["subsets"])
+    assert row["metrics"]["subsets"]["all"]["parse_rate"] == 0.75  # 3 of 4 answered (GOOD: negative)
+    assert row["metrics"]["subsets"]["all"]["n"] == 4 and "probes" in row and row["probes"]["silence"]["n"] == 4
+    assert row["response"]["n"] == 4 and row["response"]["format_rate"] == 1.0
+    assert any("1 answer(s) still failed" in n for n in metrics["notes"]) and "gpt-4o-audio (API)" in report
+    assert (tmp_path / "run" / "eval" / "api-gpt-4o-audio" / "predictions.jsonl").exists()
+    n_first = len(server.seen)
+    assert n_first == 4 + 4 + 4  # classify (one of them failed), silence probe, replies
+    # A re-run (same config, same folder) asks only for what is not cached: the failed row.
+    results, report, metrics = _pipeline(tmp_path, run_corpus)
+    assert len(server.seen) == n_first + 1
+    assert metrics["models"]["gpt-4o-audio (API)"]["metrics"]["subsets"]["all"]["parse_rate"] == 1.0
+    assert metrics["models"]["gpt-4o-audio (API)"]["api"]["cache_hits"] == 11
+    assert not any("still failed" in n for n in metrics["notes"])
+
+
+def test_llm_judge_scores_replies_next_to_the_embedded_judge(server, run_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-local")
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    monkeypatch.setenv("PALLM_JUDGE_KEY", "sk-judge")
+    server.route = _route
+    results, report, metrics = _pipeline(
+        tmp_path, run_corpus, f"eval.llm_judge={{base_url: '{server.url}', model: judge-x, api_key_env: PALLM_JUDGE_KEY,"
+        f" retries: 0, cache_dir: '{tmp_path / 'judge-cache'}'}}")
+    resp = metrics["models"]["gpt-4o-audio (API)"]["response"]
+    # 3 replies scored 7/10 -> (7-1)/9; the FAILME row's judge answer had no score: a failure, not a crash.
+    assert resp["llm_judge"] == pytest.approx(6 / 9) and resp["llm_judge_failures"] == 1
+    assert 0 <= resp["judge"] <= 1  # the embedded judge is still there
+    assert resp["subsets"]["conflict"]["llm_judge_failures"] == 1  # test row 3 is a conflict row
+    judged = [s for s in server.seen if s["body"]["messages"][0]["role"] == "system"]
+    assert len(judged) == 4 and {s["auth"] for s in judged} == {"Bearer sk-judge"}
+    assert judged[0]["body"]["model"] == "judge-x"
+    assert "| LLM judge |" in report and "LLM judge failures" in report
+    assert any("1 of 4 replies could not be scored" in n for n in metrics["notes"])
+    assert metrics["llm_judge"]["failures"] == 1
+
+
+def test_unreachable_llm_judge_costs_scores_not_the_run(server, run_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-local")
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    server.route = _route
+    results, report, metrics = _pipeline(
+        tmp_path, run_corpus, "eval.llm_judge={base_url: 'http://127.0.0.1:9/v1', model: j, api_key_env: null,"
+        " retries: 0, timeout: 2}")
+    resp = metrics["models"]["gpt-4o-audio (API)"]["response"]
+    assert resp["llm_judge"] is None and resp["llm_judge_failures"] == 4
+    assert any("4 of 4 replies could not be scored" in n for n in metrics["notes"])

@@ -18,6 +18,8 @@ def _run(*args):
     (["run", "sft.stepz=3"], "sft.stepz"),
     (["run", "seed"], "key=value"),
     (["run", "--preset", "huge"], "unknown preset"),
+    (["run", "baselines=[acoustic,gpt4]"], "unknown baseline(s) ['gpt4']"),
+    (["run", "ablations=[no_rl]"], "unknown ablation(s) ['no_rl']"),
     (["run", "--config", "nowhere.yaml"], "nowhere.yaml: config file not found"),
     (["eval", "--model", "no/such/ckpt", "--data", "x"], "no/such/ckpt"),
     (["data", "prepare", "ravdess", "--root", "no/such/root", "--out", "o"], "no/such/root"),
@@ -58,14 +60,29 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
               "sft/model.safetensors", "grpo/model.safetensors", "eval/sft/metrics.json", "eval/pallm/predictions.jsonl"):
         assert (run / f).exists(), f
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {"eGeMAPS + LR", "text TF-IDF + LR", "SFT (stage 1)", "PALLM (SFT + GRPO)"} <= set(metrics["models"])
+    new_rows = {"text-only LLM (SFT on transcripts)": "baseline", "SFT, no CoT": "ablation",
+                "GRPO, single task": "ablation"}
+    assert {"eGeMAPS + LR", "text TF-IDF + LR", "SFT (stage 1)", "PALLM (SFT + GRPO)", *new_rows} <= set(metrics["models"])
     for m in metrics["models"].values():
         assert {"all", "congruent", "conflict"} <= set(m["metrics"]["subsets"])
+        assert all(isinstance(v["ua"], float) for k, v in m["metrics"]["subsets"].items() if "ua" in v)
+    for name, kind in new_rows.items():
+        m = metrics["models"][name]
+        assert m["kind"] == kind and m["description"] and "voice_dependence" in m["probes"] and m["response"]["n"] == 8
+    # The text-only LLM never hears a voice: silence or another clip changes nothing.
+    assert metrics["models"]["text-only LLM (SFT on transcripts)"]["probes"]["voice_dependence"] == 0.0
+    assert "GRPO, single task" in metrics["models"] and "2 steps" in metrics["models"]["GRPO, single task"]["description"]
+    for f in ("text_llm/pallm.json", "ablations/no_cot/pallm.json", "ablations/single_task_rl/pallm.json",
+              "eval/text_llm/metrics.json", "eval/no_cot/metrics.json", "eval/single_task_rl/metrics.json"):
+        assert (run / f).exists(), f
+    assert json.loads((run / "ablations/no_cot/pallm.json").read_text())["task_format"]["cot"] is False
     ev = json.loads((run / "eval/sft/metrics.json").read_text())
     assert set(ev["subsets"]["all"]) >= {"n", "ua", "wa", "macro_f1", "parse_rate"}
     assert ev["confusion"]["labels"] == ["negative", "neutral", "positive"]
     report = (run / "report.md").read_text()
     assert "conflict" in report and ".png" in report
+    assert "| text-only LLM (SFT on transcripts) |" in report and "| GRPO, single task |" in report
+    assert "What each row is" in report
     # A second run with the same config reuses the trained stages; another config is refused.
     r = _run("run", "--preset", "smoke", "--out", "run")
     assert r.exit_code == 0 and "reusing" in r.output

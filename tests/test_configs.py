@@ -30,6 +30,7 @@ def test_paper_config_names_real_model_and_checks_data(tmp_path, monkeypatch):
     cfg = build_config(RunConfig, CONFIGS / "qwen2_audio_7b.yaml")
     assert cfg.model.name_or_path == "Qwen/Qwen2-Audio-7B-Instruct"
     assert cfg.sft.lora.enabled and cfg.grpo.lora.enabled
+    assert cfg.eval.llm_judge.model and {"api:gpt-4o-audio", "api:gemini-2.5-pro", "text_llm"} <= set(cfg.baselines)
     monkeypatch.chdir(tmp_path)  # data/paper does not exist here
     with pytest.raises(ManifestError, match="data/paper.*pallm data"):
         read_manifest(cfg.data.corpus)

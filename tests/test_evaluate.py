@@ -169,6 +169,26 @@ def test_response_metrics_and_judge():
     assert acknowledges_affect("anything", "unknown-label") is None
 
 
+def test_response_metrics_extra_judges_may_fail_without_failing_the_evaluation():
+    rows = [row(1, "negative", "negative", True, emotion="sad"), row(2, "positive", "negative", False, emotion="happy"),
+            row(3, "neutral", "neutral", True, emotion="neutral")]
+    preds = [pred(r, None, task="respond", output="<response>ok</response>", response="ok") for r in rows]
+
+    def flaky(prompts, completions, **fields):  # an LLM judge: None where a request failed
+        return [0.8, None, 0.4]
+
+    def broken(prompts, completions, **fields):
+        raise RuntimeError("endpoint down")
+
+    m = response_metrics(preds, rows, judge=lambda p, c, **f: [1.0] * len(c),
+                         extra_judges={"llm_judge": flaky, "other": broken})
+    assert m["judge"] == 1.0 and m["llm_judge"] == pytest.approx(0.6) and m["llm_judge_failures"] == 1
+    assert m["other"] is None and m["other_failures"] == 3
+    assert m["subsets"]["conflict"]["llm_judge"] is None and m["subsets"]["conflict"]["llm_judge_failures"] == 1
+    assert m["subsets"]["congruent"]["llm_judge"] == pytest.approx(0.6)
+    assert "llm_judge" not in response_metrics(preds, rows)  # nothing extra unless asked
+
+
 def test_write_eval_follows_the_contract(hand, tmp_path):
     rows, preds = hand
     m = classification_metrics(preds, rows, LABELS)

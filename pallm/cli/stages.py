@@ -24,6 +24,8 @@ PRESETS: dict[str, list[str]] = {
         "grpo.steps=3", "grpo.per_device_batch_size=2", "grpo.num_generations=4", "grpo.eval_every=0",
         "grpo.save_every=0", "grpo.max_completion_length=48",
         "eval.limit=24", "eval.response_rows=8", "eval.max_new_tokens=48",
+        # every row of the report, at these tiny budgets (the text-only LLM is a default baseline)
+        "ablations=[no_cot,single_task_rl]",
     ],
 }
 
@@ -166,8 +168,11 @@ def run(
     t0 = time.perf_counter()
     results = run_pipeline(cfg, out, say=lambda m: console.print(m, highlight=False), progress_factory=rich_task,
                            overwrite=overwrite)
+    width = max((len(n) for n in results["models"]), default=0)
     for name, m in results["models"].items():
         s = m["metrics"]["subsets"]
-        console.print(f"{name:>22}: UA all {s['all']['ua']:.3f}  congruent {s.get('congruent', {}).get('ua', float('nan')):.3f}"
-                      f"  conflict {s.get('conflict', {}).get('ua', float('nan')):.3f}", highlight=False)
+        console.print(f"{name:>{width}}: UA all {s['all']['ua']:.3f}  congruent {s.get('congruent', {}).get('ua', float('nan')):.3f}"
+                      f"  conflict {s.get('conflict', {}).get('ua', float('nan')):.3f}", highlight=False, soft_wrap=True)
+    for note in results.get("notes", []):
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     console.print(f"report: {out / 'report.md'}  ({time.perf_counter() - t0:.0f} s)")

@@ -8,6 +8,7 @@ Output shape: CONTRACT.md, "Evaluation output".
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -27,6 +28,8 @@ from pallm.prompts.format import PromptConfig, build_prompt
 
 # Stands in for an unparsable output. It is not a label, so it is always wrong, never matches a
 # gold class, and (being absent from y_true) adds no class of its own to UA.
+_log = logging.getLogger("pallm.evaluate")
+
 UNPARSED = "<unparsed>"
 
 # Words a reply uses when it acknowledges how the speaker sounds, per voice emotion (sentiment
@@ -175,7 +178,8 @@ def acknowledges_affect(reply: str, emotion: str | None, sentiment: str | None =
     return any(re.search(rf"\b{re.escape(' '.join(_words(w.replace('-', ' '))))}\b", text) for w in words)
 
 
-def _response_scores(pairs: list[tuple[Prediction, Row]], scores: list[float] | None) -> dict[str, Any]:
+def _response_scores(pairs: list[tuple[Prediction, Row]], scores: list[float] | None,
+                     extra: dict[str, list[float | None]] | None = None) -> dict[str, Any]:
     replies = [p.response or "" for p, _ in pairs]
     ack = [acknowledges_affect(p.response or "", r.emotion, r.sentiment) for p, r in pairs]
     ack = [a for a in ack if a is not None]
@@ -188,7 +192,26 @@ def _response_scores(pairs: list[tuple[Prediction, Row]], scores: list[float] | 
     }
     if scores is not None:
         out["judge"] = float(np.mean(scores))
+    for name, vals in (extra or {}).items():
+        # A judge that failed on a reply (None) costs that score only: the mean is over the rest,
+        # and the failures are counted next to it.
+        ok = [v for v in vals if v is not None]
+        out[name] = float(np.mean(ok)) if ok else None
+        out[f"{name}_failures"] = len(vals) - len(ok)
     return out
+
+
+def _judge_scores(judge: Callable[..., list], pairs: list[tuple[Prediction, Row]],
+                  cfg: PromptConfig) -> list[float | None]:
+    dumps = [r.model_dump() for _, r in pairs]
+    keys = sorted({k for d in dumps for k in d})
+    fields = {k: [d.get(k) for d in dumps] for k in keys}
+    fields["task"] = ["respond"] * len(pairs)  # reward functions route on the task column
+    scores = judge([build_prompt("respond", r, cfg) for _, r in pairs], [p.output for p, _ in pairs], **fields)
+    scores = [None if s is None else float(s) for s in scores]
+    if len(scores) != len(pairs):
+        raise ValueError(f"judge returned {len(scores)} scores for {len(pairs)} replies")
+    return scores
 
 
 def response_metrics(
@@ -196,30 +219,41 @@ def response_metrics(
     rows: Sequence[Row],
     judge: Callable[..., list[float]] | None = None,
     prompt_cfg: PromptConfig | None = None,
+    *,
+    extra_judges: dict[str, Callable[..., list[float | None]]] | None = None,
 ) -> dict[str, Any]:
     """Format rate, distinct-1/2, share of replies acknowledging the voice's affect and, with a
     `judge(prompts, completions, **fields) -> list[float]` (fields: the rows' columns as lists,
-    TRL reward-function style), its mean score. Returned flat for all rows, and per subset
-    (`all`, `congruent`, `conflict`) under `subsets`."""
+    TRL reward-function style), its mean score (`judge`). Returned flat for all rows, and per
+    subset (`all`, `congruent`, `conflict`) under `subsets`.
+
+    `extra_judges` ({name: judge}, e.g. {"llm_judge": make_llm_judge(...)}) add `<name>`, the mean
+    of the scores they gave, and `<name>_failures`, the number of replies they returned None for (a
+    failed request): a failure costs that reply's score, never the evaluation. A judge that raises
+    counts as failing on every reply (logged)."""
     pairs = _by_id(preds, rows)
     if not pairs:
         raise ValueError("no predictions to score")
+    cfg = prompt_cfg or PromptConfig()
     scores = None
     if judge is not None:
-        cfg = prompt_cfg or PromptConfig()
-        dumps = [r.model_dump() for _, r in pairs]
-        keys = sorted({k for d in dumps for k in d})
-        fields = {k: [d.get(k) for d in dumps] for k in keys}
-        fields["task"] = ["respond"] * len(pairs)  # reward functions route on the task column
-        scores = [float(s) for s in judge([build_prompt("respond", r, cfg) for _, r in pairs],
-                                          [p.output for p, _ in pairs], **fields)]
-        if len(scores) != len(pairs):
-            raise ValueError(f"judge returned {len(scores)} scores for {len(pairs)} replies")
-    subsets = {"all": _response_scores(pairs, scores)}
+        scores = _judge_scores(judge, pairs, cfg)
+        if any(s is None for s in scores):
+            raise ValueError("judge returned None for a respond row; pass judges that may fail as extra_judges")
+    extra: dict[str, list[float | None]] = {}
+    for name, fn in (extra_judges or {}).items():
+        try:
+            extra[name] = _judge_scores(fn, pairs, cfg)
+        except Exception as e:  # noqa: BLE001 - an optional judge must never cost the evaluation
+            _log.warning("%s failed on all %d replies (%s: %s); its score is left out", name, len(pairs),
+                         type(e).__name__, e)
+            extra[name] = [None] * len(pairs)
+    subsets = {"all": _response_scores(pairs, scores, extra)}
     for name, keep in (("congruent", True), ("conflict", False)):
         idx = [i for i, (_, r) in enumerate(pairs) if r.congruent is keep]
         if idx:
-            subsets[name] = _response_scores([pairs[i] for i in idx], [scores[i] for i in idx] if scores else None)
+            subsets[name] = _response_scores([pairs[i] for i in idx], [scores[i] for i in idx] if scores else None,
+                                             {k: [v[i] for i in idx] for k, v in extra.items()})
     return {**subsets["all"], "subsets": subsets}
 
 

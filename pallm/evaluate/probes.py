@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -58,17 +59,24 @@ def shortcut_probes(
     labels: list[str] | None = None,
     real: list[Prediction] | None = None,
     max_new_tokens: int = 96,
+    predict_fn: Callable[[list[Row], Callable[[Row], np.ndarray] | None], list[Prediction]] | None = None,
     **predict_kwargs: Any,
 ) -> dict[str, Any]:
     """Run the four probes on `rows` (the classify task). Pass `real`, predictions on the same
     rows with their own audio, to reuse them instead of decoding twice; other keyword arguments
-    (system, max_audio_seconds, progress) go to `predict`."""
+    (system, max_audio_seconds, progress) go to `predict`.
+
+    `predict_fn(rows, audio_fn)` replaces `predict` for models that are not a local (model,
+    processor) pair, e.g. an API model: `lambda rows, audio_fn: api_model.predict(rows, "classify",
+    prompt_cfg, labels, audio_fn=audio_fn)` (model and processor are then unused)."""
     rows = [r for r in rows if gold_label(r, prompt_cfg) is not None]
     if not rows:
         raise ValueError("no rows with a gold label for the prompt's target")
     labels = labels or label_set(prompt_cfg, sorted({r.emotion for r in rows if r.emotion}))
 
     def run(subset: list[Row], audio_fn=None) -> list[Prediction]:
+        if predict_fn is not None:
+            return predict_fn(subset, audio_fn)
         return predict(model, processor, subset, "classify", prompt_cfg, labels, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, audio_fn=audio_fn, **predict_kwargs)
 

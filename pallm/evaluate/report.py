@@ -1,7 +1,8 @@
 """The run report: one markdown file with tables and PNG plots, readable on its own.
 
 Input is the run's `metrics.json` structure:
-    {"models": {name: {"kind": ..., "metrics": <pallm eval metrics>, "probes": {...}, "response": {...}}},
+    {"models": {name: {"kind": ..., "metrics": <pallm eval metrics>, "probes": {...}, "response": {...},
+                       "description": "what the row is"}},
      "times": {stage: seconds}, "examples": {name: [{"id", "gold", "congruent", "output"}, ...]}}
 """
 
@@ -142,12 +143,17 @@ def _probe_table(models: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Column headers of the reply table (other keys are shown as they are).
+_RESPONSE_HEADERS = {"judge": "embedded judge", "llm_judge": "LLM judge", "llm_judge_failures": "LLM judge failures"}
+
+
 def _response_table(models: dict[str, Any]) -> list[str]:
     rows = [(n, m["response"]) for n, m in models.items() if m.get("response")]
     if not rows:
         return []
-    keys = sorted({k for _, r in rows for k, v in r.items() if isinstance(v, (int, float))})
-    lines = ["| model | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+    keys = sorted({k for _, r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    lines = ["| model | " + " | ".join(_RESPONSE_HEADERS.get(k, k) for k in keys) + " |",
+             "| --- |" + " --- |" * len(keys)]
     for name, r in rows:
         lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
     return lines
@@ -166,6 +172,9 @@ def write_report(run_dir: Path, results: dict[str, Any], config_text: str | None
            "differs from the voice's; a model that reads the words instead of listening fails there, "
            "and *follows words* is how often its answer on those rows is the words' sentiment.", ""]
     md += _classification_table(models) + [""]
+    described = [(n, m["description"]) for n, m in models.items() if m.get("description")]
+    if described:
+        md += ["What each row is:", ""] + [f"- **{n}**: {d}" for n, d in described] + [""]
     bars = plot_conflict_bars(models, run_dir / "conflict_vs_congruent.png")
     if bars:
         md += [f"![congruent vs conflict]({bars.name})", ""]
@@ -177,7 +186,10 @@ def write_report(run_dir: Path, results: dict[str, Any], config_text: str | None
                "answers that stay the same; *voice dependence* = 1 − unchanged under silence.", ""] + probes + [""]
     resp = _response_table(models)
     if resp:
-        md += ["## Paralinguistics-aware replies", ""] + resp + [""]
+        md += ["## Paralinguistics-aware replies", "",
+               "Replies to the first test rows that have a reference reply. *embedded judge*: the lexicon scorer "
+               "of pallm.rewards (0–1); *LLM judge* (when `eval.llm_judge` is set): the rubric judge's mean score "
+               "(0–1) over the replies it could score, its failures counted beside it.", ""] + resp + [""]
     conf = plot_confusions(models, run_dir / "confusion.png")
     if conf:
         md += ["## Confusion matrices (test, all rows)", "", f"![confusion matrices]({conf.name})", ""]

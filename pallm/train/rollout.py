@@ -2,7 +2,8 @@
 
 The trainer only needs token ids, grouped per prompt, sampled from the current policy at
 `temperature`/`top_p`. `HFBackend` does that with the training model itself (any machine, CPU
-included). A vLLM backend is a drop-in on GPU machines; docs/grpo.md gives its shape.
+included); `pallm.train.rollout_vllm.VLLMBackend` (`grpo.use_vllm: true`) with a colocated vLLM
+engine on GPU machines (docs/grpo.md).
 """
 
 from __future__ import annotations
