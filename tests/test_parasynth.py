@@ -127,3 +127,25 @@ def test_bad_config_and_voice():
         build_config(SynthConfig, overrides=["speakers=8", "test_speakers=6", "dev_speakers=2"])
     with pytest.raises(PallmError, match="voice"):
         get_engine().synth("hello", "xx-nonexistent+m1", Prosody())
+
+
+def test_style_strength_scales_offsets_from_the_speaker():
+    """The difficulty dial: offsets from each speaker's baseline grow with style_strength, the
+    plan is otherwise the same, and the default keeps the fingerprint (and cache) of old corpora."""
+    import statistics
+
+    def spread(strength: float, key: str) -> dict[str, float]:
+        plan = plan_corpus(SynthConfig(n=600, seed=1, style_strength=strength))
+        by = {}
+        for u in plan:
+            by.setdefault(u["emotion"], []).append(u["prosody"][key])
+        return {e: statistics.fmean(v) for e, v in by.items()}
+
+    for key in ("pitch", "volume"):
+        weak, strong = spread(1.0, key), spread(1.6, key)
+        assert strong["sad"] < weak["sad"] < weak["neutral"] < weak["happy"] < strong["happy"], key
+        assert abs(strong["neutral"] - weak["neutral"]) < 1.5  # neutral has no offset to scale
+    a, b = plan_corpus(SynthConfig(n=60, seed=1)), plan_corpus(SynthConfig(n=60, seed=1, style_strength=1.6))
+    assert [(u["speaker"], u["emotion"], u["transcript"]) for u in a] == [(u["speaker"], u["emotion"], u["transcript"]) for u in b]
+    assert SynthConfig().fingerprint() != SynthConfig(style_strength=1.6).fingerprint()
+    assert SynthConfig(style_strength=1.0).fingerprint() == SynthConfig().fingerprint()

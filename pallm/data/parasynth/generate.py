@@ -51,6 +51,9 @@ class SynthConfig(BaseModel):
     sentence_shares: dict[str, float] = {"train": 0.7, "dev": 0.1, "test": 0.2}
     train_congruent: float = Field(0.8, ge=0.0, le=1.0)
     dev_congruent: float = Field(0.5, ge=0.0, le=1.0)
+    # Scales every style's offset from the speaker's baseline (pitch/range offsets, rate/volume
+    # factors' distance from 1): the corpus's difficulty dial. 1 = styles.yaml as written.
+    style_strength: float = Field(1.0, gt=0.0, le=3.0)
     workers: int = Field(2, ge=1)
 
     @model_validator(mode="after")
@@ -71,6 +74,8 @@ class SynthConfig(BaseModel):
 
     def fingerprint(self) -> str:
         payload = self.model_dump(exclude={"workers"})
+        if payload["style_strength"] == 1.0:
+            del payload["style_strength"]  # corpora made before the dial existed keep their cache
         payload["version"] = GENERATOR_VERSION
         return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -127,15 +132,18 @@ def _make_speakers(cfg: SynthConfig, rng: random.Random) -> dict[str, list[dict]
     return {"test": interleaved[:t], "dev": interleaved[t : t + d], "train": interleaved[t + d :]}
 
 
-def _prosody(speaker: dict, style: dict, jitter: dict, rng: random.Random) -> dict:
+def _prosody(speaker: dict, style: dict, jitter: dict, rng: random.Random, strength: float = 1.0) -> dict:
     def clamp(x, lo, hi):
         return int(round(min(max(x, lo), hi)))
 
+    def factor(f: float) -> float:
+        return 1 + (f - 1) * strength
+
     return {
-        "pitch": clamp(speaker["pitch"] + style["pitch"] + rng.gauss(0, jitter["pitch"]), 0, 100),
-        "range": clamp(speaker["range"] + style["range"] + rng.gauss(0, jitter["range"]), 0, 100),
-        "rate": clamp(speaker["rate"] * style["rate"] * (1 + rng.gauss(0, jitter["rate"])), 80, 450),
-        "volume": clamp(speaker["volume"] * style["volume"] * (1 + rng.gauss(0, jitter["volume"])), 5, 200),
+        "pitch": clamp(speaker["pitch"] + strength * style["pitch"] + rng.gauss(0, jitter["pitch"]), 0, 100),
+        "range": clamp(speaker["range"] + strength * style["range"] + rng.gauss(0, jitter["range"]), 0, 100),
+        "rate": clamp(speaker["rate"] * factor(style["rate"]) * (1 + rng.gauss(0, jitter["rate"])), 80, 450),
+        "volume": clamp(speaker["volume"] * factor(style["volume"]) * (1 + rng.gauss(0, jitter["volume"])), 5, 200),
     }
 
 
@@ -189,7 +197,7 @@ def plan_corpus(cfg: SynthConfig) -> list[dict]:
                 "gender": speaker["gender"],
                 "response": template.replace("{topic}", sentence["topic"]),
                 "voice": speaker["voice"],
-                "prosody": _prosody(speaker, styles[emotion], jitter, rng),
+                "prosody": _prosody(speaker, styles[emotion], jitter, rng, cfg.style_strength),
             })
     return plan
 
