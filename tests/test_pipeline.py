@@ -20,7 +20,7 @@ def test_default_rows():
     c = cfg()
     assert c.baselines == ["acoustic", "text", "text_llm"] and c.ablations == ["single_task_rl"]
     assert c.eval.llm_judge is None
-    assert single_task_steps(c) == 100  # 200 steps x classify share 0.5
+    assert single_task_steps(c) == 125  # 200 steps x classify share 1 - 0.75 x 0.5 (conflict_share 0.25)
 
 
 @pytest.mark.parametrize("override, message", [

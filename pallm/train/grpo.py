@@ -107,7 +107,7 @@ class GRPOConfig(BaseModel):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     num_iterations: int = Field(1, ge=1, description="optimizer steps per generation batch (mu)")
     reward_funcs: list[str] = ["format", "sentiment_accuracy", "emotion_accuracy", "cue_grounding",
-                               "response_judge", "length_penalty"]
+                               "affect_grounding", "response_judge", "length_penalty"]
     reward_weights: list[float] | None = None  # null: 1.0 each
     multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     task_weights: TaskWeights = {"classify": 0.5, "respond": 0.5}
@@ -119,7 +119,7 @@ class GRPOConfig(BaseModel):
     # Share of prompts drawn (as classify) from train rows whose words and voice disagree; 0 = off.
     # Stage 1 data is mostly congruent, so words predict the label there: conflict prompts are
     # where the accuracy reward punishes the lexical shortcut.
-    conflict_share: float = Field(0.0, ge=0.0, lt=1.0)
+    conflict_share: float = Field(0.25, ge=0.0, lt=1.0)
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0 = only the final model)")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)

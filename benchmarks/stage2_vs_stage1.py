@@ -1,0 +1,120 @@
+"""Does stage 2 beat stage 1 at the same training budget? The experiment behind issue 4's claim.
+
+    python benchmarks/stage2_vs_stage1.py                       # 3 seeds, ~10 min per seed here
+    python benchmarks/stage2_vs_stage1.py --seeds 0 --out runs/s2 grpo.conflict_share=0.5
+    python benchmarks/stage2_vs_stage1.py --style-strength 1.0 --out runs/s2_hard   # the harder corpus
+
+Per seed (the run seed and the tiny model's init seed: initial weights, data order, sampling):
+
+- `sft`        stage 1, `--sft-steps` steps (the start of stage 2);
+- `sft_long`   stage 1 for `--sft-steps + --grpo-steps` steps: the same number of optimizer steps
+               as stage 1 + stage 2 (the budget-matched comparison the issue asks for);
+- `grpo`       stage 2 from `sft`, the default multi-task recipe (plus any overrides given);
+- `grpo_single` the same, classification only (task_weights classify 1 / respond 0).
+
+Every model is evaluated with `pallm eval` (greedy) on the ParaSynth test split. Prints UA on all /
+congruent / conflict rows per seed, the means, and the issue's three checks:
+conflict(grpo) - conflict(sft_long) >= +8 points, congruent(grpo) >= congruent(sft_long) - 2, and
+conflict(grpo) >= conflict(grpo_single). Finished steps are reused, so an interrupted run resumes.
+Prints numbers; it is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+
+def sh(args: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, "-m", "pallm", *args], stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        sys.exit(f"failed (exit {r.returncode}): pallm {' '.join(args)}\n  see {log}")
+
+
+def corpus_path(common: list[str]) -> Path:
+    """The ParaSynth corpus these runs train on, prepared (synthesised + cues) on first use, as
+    `pallm train` does."""
+    from pallm.cli.stages import _corpus_of, load_run_config
+
+    return _corpus_of(load_run_config(None, common))
+
+
+def ua(model_dir: Path, corpus: Path) -> dict[str, float]:
+    out = model_dir / "eval-test"
+    if not (out / "metrics.json").exists():
+        sh(["eval", "--model", str(model_dir), "--data", str(corpus), "--split", "test", "--no-probes", "--out", str(out)],
+           model_dir.parent / f"{model_dir.name}.eval.log")
+    m = json.loads((out / "metrics.json").read_text())
+    subsets = m["subsets"]  # the contract's eval metrics.json
+    return {k: subsets[k]["ua"] for k in ("all", "congruent", "conflict")}
+
+
+def train(kind: str, out: Path, seed: int, extra: list[str], init: Path | None = None) -> None:
+    if (out / "train_summary.json").exists():
+        return
+    args = ["train", kind, "--out", str(out), "--overwrite", f"seed={seed}", *extra]
+    if init is not None:
+        args[2:2] = ["--init", str(init)]
+    sh(args, out.parent / f"{out.name}.train.log")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
+                    help="comma-separated, e.g. 0,1,2 (one process per seed can share --out)")
+    ap.add_argument("--sft-steps", type=int, default=400)
+    ap.add_argument("--grpo-steps", type=int, default=200)
+    ap.add_argument("--out", type=Path, default=Path("runs/stage2_vs_stage1"))
+    ap.add_argument("--style-strength", type=float, default=None,
+                    help="ParaSynth's data.synth.style_strength for every run (default: the config's)")
+    ap.add_argument("overrides", nargs="*", help="grpo.* overrides applied to both stage-2 runs")
+    a = ap.parse_args()
+    common = [] if a.style_strength is None else [f"data.synth.style_strength={a.style_strength}"]
+    corpus = corpus_path(common)
+    rows: dict[str, list[dict[str, float]]] = {k: [] for k in ("sft", "sft_long", "grpo", "grpo_single")}
+    for seed in a.seeds:
+        d = a.out / f"seed{seed}"
+        d.mkdir(parents=True, exist_ok=True)
+        init = [f"model.tiny.seed={seed}"]  # the seed draws the tiny model's initial weights too
+        train("sft", d / "sft", seed, [*common, *init, f"sft.steps={a.sft_steps}"])
+        train("sft", d / "sft_long", seed, [*common, *init, f"sft.steps={a.sft_steps + a.grpo_steps}"])
+        grpo = [*common, f"grpo.steps={a.grpo_steps}", *a.overrides]
+        train("grpo", d / "grpo", seed, grpo, init=d / "sft")
+        train("grpo", d / "grpo_single", seed, [*grpo, "grpo.task_weights.classify=1", "grpo.task_weights.respond=0"],
+              init=d / "sft")
+        for k in rows:
+            rows[k].append(ua(d / k, corpus))
+            r = rows[k][-1]
+            print(f"seed {seed} {k:12s} UA all {r['all']:.3f}  congruent {r['congruent']:.3f}  conflict {r['conflict']:.3f}",
+                  flush=True)
+
+    def mean(k: str, s: str) -> float:
+        return statistics.fmean(r[s] for r in rows[k])
+
+    def sd(k: str, s: str) -> float:
+        return statistics.stdev(r[s] for r in rows[k]) if len(rows[k]) > 1 else 0.0
+
+    print(f"\nmeans over seeds {a.seeds} (sd), ParaSynth test, greedy:")
+    print(f"| model | steps | UA all | congruent | conflict |\n| --- | --- | --- | --- | --- |")
+    steps = {"sft": f"SFT {a.sft_steps}", "sft_long": f"SFT {a.sft_steps + a.grpo_steps}",
+             "grpo": f"SFT {a.sft_steps} + GRPO {a.grpo_steps}", "grpo_single": f"SFT {a.sft_steps} + GRPO {a.grpo_steps}"}
+    for k in rows:
+        cells = " | ".join(f"{mean(k, s):.3f} ({sd(k, s):.3f})" for s in ("all", "congruent", "conflict"))
+        print(f"| {k} | {steps[k]} | {cells} |")
+    gain = 100 * (mean("grpo", "conflict") - mean("sft_long", "conflict"))
+    loss = 100 * (mean("sft_long", "congruent") - mean("grpo", "congruent"))
+    vs_single = 100 * (mean("grpo", "all") - mean("grpo_single", "all"))
+    vs_start = 100 * (mean("grpo", "conflict") - mean("sft", "conflict"))
+    print(f"\nconflict gain over budget-matched stage 1: {gain:+.1f} points (need >= +8): {'PASS' if gain >= 8 else 'FAIL'}")
+    print(f"congruent loss vs budget-matched stage 1: {loss:+.1f} points (need <= 2): {'PASS' if loss <= 2 else 'FAIL'}")
+    print(f"multi-task minus single-task RL, UA all: {vs_single:+.1f} points (need >= 0): {'PASS' if vs_single >= 0 else 'FAIL'}")
+    print(f"(conflict gain over stage 2's own starting point, SFT {a.sft_steps}: {vs_start:+.1f} points)")
+
+
+if __name__ == "__main__":
+    main()
