@@ -351,7 +351,7 @@ def test_exact_resume_and_final_checkpoint(tiny, corpus, tmp_path):
     """Interrupted after the step-2 checkpoint and resumed = one uninterrupted run, bit for bit
     (weights, logged rewards/losses), with every stateful feature on."""
     cfg = small(steps=6, save_every=2, beta=0.05, num_iterations=2, dynamic_sampling=True, oversample_hard=0.3,
-                scale_rewards="batch", reward_funcs=["format", "sentiment_accuracy", "hash"], reward_weights=[0.5, 1.0, 1.0])
+                scale_rewards="batch", ptx_coef=0.5, ptx_batch_size=2, reward_funcs=["format", "sentiment_accuracy", "hash"], reward_weights=[0.5, 1.0, 1.0])
     fns = {"hash": text_hash_reward}
     whole = train_grpo(cfg, PromptConfig(), corpus, (copy.deepcopy(tiny[0]), tiny[1]), tmp_path / "A", reward_fns=fns)
 
@@ -444,7 +444,7 @@ def hashed(prompts, completions, **kw):
     return r
 model, proc = build_tiny(tokenizer_texts(read_manifest(corpus), PromptConfig()))
 cfg = GRPOConfig(steps=2, per_device_batch_size=2, num_generations=4, max_completion_length=8, save_every=1, eval_every=0,
-                 scale_rewards="batch", learning_rate=1e-3, reward_funcs=["hashed"])
+                 scale_rewards="batch", learning_rate=1e-3, reward_funcs=["hashed"], ptx_coef=0.5, ptx_batch_size=2)
 s = train_grpo(cfg, PromptConfig(), corpus, (model, proc), out, reward_fns={"hashed": hashed})
 h = hashlib.sha1(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
 json.dump({"hash": h, "first_rewards": calls[0], "summary": s}, open(os.path.join(out, f"rank{rank}.json"), "w"))
@@ -454,7 +454,8 @@ json.dump({"hash": h, "first_rewards": calls[0], "summary": s}, open(os.path.joi
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(corpus, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): rewards gathered before normalisation,
-    weights identical on both ranks after the updates."""
+    weights identical on both ranks after the updates (the ptx term on too: its gradients are
+    all-reduced with the RL ones)."""
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     if launcher is None:
         pytest.skip("accelerate CLI not found")
@@ -515,3 +516,18 @@ def test_gradient_checkpointing_same_updates(tiny, corpus, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     losses = [[r["loss"] for r in log if r["kind"] == "train"] for log in (la, lb)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_ptx_term_mixes_stage1_loss_into_the_update(tiny, corpus, tmp_path):
+    """ptx_coef > 0: every step also lowers the stage-1 NLL. With every group zero-variance (a
+    constant reward) the RL gradient is 0, so all movement is the ptx term's: the logged NLL of
+    the (fresh each step) stage-1 batches falls, and ptx_coef 0 leaves the weights untouched."""
+    const = {"one": lambda prompts, completions, **kw: [1.0] * len(completions)}
+    model = copy.deepcopy(tiny[0])
+    train_grpo(small(steps=8, reward_funcs=["one"], ptx_coef=1.0, ptx_batch_size=4, learning_rate=3e-3), PromptConfig(),
+               corpus, (model, tiny[1]), tmp_path / "ptx", reward_fns=const)
+    nll = [r["ptx_nll"] for r in log_records(tmp_path / "ptx") if r["kind"] == "train"]
+    assert len(nll) == 8 and nll[-1] < nll[0] * 0.9, nll
+    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny[0].state_dict().values()))
+    with pytest.raises(ValidationError):
+        small(ptx_coef=-1.0)

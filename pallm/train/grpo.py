@@ -37,6 +37,7 @@ from pallm.data.manifest import Row, manifest_path, read_manifest
 from pallm.errors import ConfigError, PallmError
 from pallm.model import encode_batch, load_pretrained
 from pallm.model.batch import pad_token_id
+from pallm.model.families import family_of
 from pallm.model.build import PALLM_META_FILE, read_pallm_meta
 from pallm.prompts.format import TASKS, PromptConfig, build_prompt, label_set, parse_completion
 from pallm.train.common import (
@@ -120,6 +121,12 @@ class GRPOConfig(BaseModel):
     # Stage 1 data is mostly congruent, so words predict the label there: conflict prompts are
     # where the accuracy reward punishes the lexical shortcut.
     conflict_share: float = Field(0.25, ge=0.0, lt=1.0)
+    # Stage-1 loss mixed into every update (InstructGPT's "PPO-ptx", OpenRLHF's ptx_coef): the
+    # negative log-likelihood of the stage-1 targets of `ptx_batch_size` train examples per process,
+    # times ptx_coef, added to each optimizer step. Keeps what continued SFT would still gain while
+    # RL moves the model off the words. 0 = off.
+    ptx_coef: float = Field(0.0, ge=0.0)
+    ptx_batch_size: int = Field(8, ge=1, description="stage-1 examples per process per optimizer step")
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0 = only the final model)")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
@@ -162,7 +169,8 @@ _RESUME_KEYS = ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
                 "num_generations", "gradient_accumulation_steps", "temperature", "top_p", "max_completion_length", "beta",
                 "epsilon", "epsilon_high", "loss_type", "scale_rewards", "num_iterations", "reward_funcs", "reward_weights",
                 "multi_objective_aggregation", "task_weights", "dynamic_sampling", "dynamic_sampling_max_tries",
-                "oversample_hard", "conflict_share", "mixed_precision", "lora", "freeze_audio_encoder")
+                "oversample_hard", "conflict_share", "mixed_precision", "lora", "freeze_audio_encoder", "ptx_coef",
+                "ptx_batch_size")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -538,6 +546,8 @@ def train_grpo(
     w_rewards = torch.tensor(cfg.reward_weights or [1.0] * len(fns), dtype=torch.float32)
     stream = ExampleStream(train_rows, weights, prompt_cfg, labels, seed)
     sampler = PromptSampler(stream, train_rows, prompt_cfg, labels, cfg.oversample_hard, seed, cfg.conflict_share)
+    # Its own stream (another seed), read at a position that is a function of the step: resumes exactly.
+    ptx_stream = ExampleStream(train_rows, weights, prompt_cfg, labels, seed + 1) if cfg.ptx_coef > 0 else None
 
     accelerator = make_accelerator(1, cfg.mixed_precision)  # accumulation is done here (loss normalisers differ)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -756,6 +766,19 @@ def train_grpo(
                                                            device=device)).sum())
         agg = torch.zeros(4, len(task_ids), dtype=torch.float64)  # tokens, entropy, kl, clipped per task
         loss_sum = 0.0
+        ptx = None
+        if ptx_stream is not None:
+            P = cfg.ptx_batch_size
+            chunk = ptx_stream.take(step * P * world, P * world)[rank * P:(rank + 1) * P]
+            c_ids, c_mask = completion_tensors(
+                [processor.tokenizer(e.target + family_of(processor).end_of_turn, add_special_tokens=False)["input_ids"]
+                 for e in chunk], pad_id)
+            inputs = {**{k: v.to(device) for k, v in prompt_tensors(chunk).items()},
+                      "completion_ids": c_ids.to(device), "completion_mask": c_mask.to(device)}
+            with accelerator.no_sync(scorer):  # the RL pass's last backward all-reduces both
+                logp, _ = scorer(**inputs, with_entropy=False)
+                ptx = -(logp * inputs["completion_mask"]).sum() / inputs["completion_mask"].sum()
+                accelerator.backward(cfg.ptx_coef * ptx)
         for j, m in enumerate(micro):
             inputs = _inputs(m)
             mask = inputs["completion_mask"]
@@ -790,6 +813,8 @@ def train_grpo(
         agg = _gather(accelerator, agg.unsqueeze(0)).sum(0)
         s: dict[str, Any] = {"loss": float(_gather(accelerator, torch.tensor([loss_sum], device=device)).mean()),
                              "lr": scheduler.get_last_lr()[0]}
+        if ptx is not None:
+            s["ptx_nll"] = float(_gather(accelerator, ptx.detach().reshape(1)).mean())
         if grad_norm is not None:
             s["grad_norm"] = grad_norm
         for prefix, cols in [("", slice(None))] + [(f"{t}/", slice(i, i + 1)) for t, i in task_ids.items() if t in weights]:
