@@ -425,3 +425,46 @@ def test_unreachable_llm_judge_costs_scores_not_the_run(server, run_corpus, tmp_
     resp = metrics["models"]["gpt-4o-audio (API)"]["response"]
     assert resp["llm_judge"] is None and resp["llm_judge_failures"] == 4
     assert any("4 of 4 replies could not be scored" in n for n in metrics["notes"])
+
+
+def test_pallm_eval_respond_uses_the_configured_llm_judge(server, run_corpus, tmp_path, monkeypatch):
+    """`pallm eval --task respond` with eval.llm_judge set (as an override, as in a --config file):
+    the replies are also sent to the LLM judge, and its score and failures land in metrics.json."""
+    from typer.testing import CliRunner
+
+    import pallm.evaluate
+    from pallm.cli.main import app
+    from pallm.data.manifest import read_manifest
+    from pallm.evaluate.predict import Prediction
+    from pallm.model import build_tiny, save_checkpoint
+    from pallm.prompts.format import PromptConfig, build_prompt, build_target
+
+    server.route = _route
+
+    def replies(model, processor, rows, task, *a, **kw):  # the untrained model writes no reply: give it one
+        return [Prediction(r.id, task, REPLY, None, None, None, True, response=REPLY.split("<response>")[1][:-11])
+                for r in rows]
+
+    monkeypatch.setattr(pallm.evaluate, "predict", replies)
+    rows = read_manifest(run_corpus)
+    texts = [build_prompt(t, r, PromptConfig(cot=False)) + build_target(t, r, PromptConfig(cot=False))
+             for r in rows for t in ("classify", "respond")]
+    model, processor = build_tiny(texts)
+    save_checkpoint(model, processor, tmp_path / "ckpt", {"task_format": PromptConfig(cot=False).model_dump()})
+    judge = (f"eval.llm_judge={{base_url: '{server.url}', model: judge-x, api_key_env: null, retries: 0,"
+             f" cache_dir: '{tmp_path / 'jc'}'}}")
+    res = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "ckpt"), "--data", str(run_corpus), "--task", "respond",
+                                   "--out", str(tmp_path / "ev"), judge], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    resp = json.loads((tmp_path / "ev" / "metrics.json").read_text())["response"]
+    judged = [s for s in server.seen if s["body"]["messages"][0]["role"] == "system"]
+    assert judged and all(s["body"]["model"] == "judge-x" for s in judged)
+    # 4 test rows; the one whose transcript says FAILME gets a judge answer without a score
+    assert resp["llm_judge"] == pytest.approx(6 / 9) and resp["llm_judge_failures"] == 1
+    assert "llm_judge 0.667" in res.output
+    # without the block: the embedded judge only, no request
+    n = len(server.seen)
+    res = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "ckpt"), "--data", str(run_corpus), "--task", "respond",
+                                   "--out", str(tmp_path / "ev2")], catch_exceptions=False)
+    assert res.exit_code == 0 and len(server.seen) == n
+    assert "llm_judge" not in json.loads((tmp_path / "ev2" / "metrics.json").read_text())["response"]

@@ -110,8 +110,11 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, "--limit"),
     batch_size: int = typer.Option(32, "--batch-size"),
     probes: bool = typer.Option(True, "--probes/--no-probes", help="lexical-shortcut probes (classify)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="run config YAML: its eval.llm_judge also scores replies"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="config overrides, key=value (e.g. eval.llm_judge=...)"),
 ) -> None:
-    """Score a checkpoint on any manifest: UA/WA/F1/parse rate per subset, confusion, shortcut probes."""
+    """Score a checkpoint on any manifest: UA/WA/F1/parse rate per subset, confusion, shortcut probes;
+    with --task respond, the reply metrics (embedded judge, and the LLM judge when configured)."""
     from pallm.data.manifest import read_manifest
     from pallm.evaluate import classification_metrics, predict, response_metrics, shortcut_probes, write_eval
     from pallm.model import load_pretrained, read_pallm_meta
@@ -142,13 +145,24 @@ def evaluate(
                 metrics["probes"] = shortcut_probes(net, processor, rows, prompt_cfg, batch_size, labels=labels,
                                                     real=preds, progress=cb)
     else:
-        metrics = {"response": response_metrics(preds, rows, judge=get_reward("response_judge"), prompt_cfg=prompt_cfg)}
+        from pallm.pipeline import _make_llm_judge
+
+        notes: list[str] = []
+        llm_judge = _make_llm_judge(load_run_config(config, overrides), notes)
+        for n in notes:
+            console.print(f"note: {n}", highlight=False)
+        metrics = {"response": response_metrics(preds, rows, judge=get_reward("response_judge"), prompt_cfg=prompt_cfg,
+                                                extra_judges={"llm_judge": llm_judge} if llm_judge else None)}
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     path = write_eval(out, str(model), str(data), metrics, preds)
     if task == "classify":
         s = metrics["subsets"]
         line = " | ".join(f"{k}: UA {v['ua']:.3f} (n={v['n']})" for k, v in s.items() if k in ("all", "congruent", "conflict"))
         console.print(line + f" | parse rate {s['all']['parse_rate']:.3f}")
+    else:
+        r = metrics["response"]
+        judged = "".join(f" | {k} {r[k]:.3f}" for k in ("judge", "llm_judge") if isinstance(r.get(k), float))
+        console.print(f"replies: {len(rows)}{judged} | affect acknowledged {r.get('affect_ack_rate', 0):.3f}")
     console.print(f"wrote {path}")
 
 
