@@ -334,10 +334,19 @@ def test_lora_trains_adapters_only_and_saves_merged(corpus, tmp_path):
 
 
 DDP_SCRIPT = """
-import sys
+import hashlib, json, os, sys
+import pallm.train.sft as sft
 from pallm.model import ModelSpec
 from pallm.prompts.format import PromptConfig
 from pallm.train import SFTConfig, train_sft
+
+finish = sft.finish_run
+def hashed_finish(accelerator, model, *a, **kw):  # each rank's own final weights
+    m = accelerator.unwrap_model(model)
+    h = hashlib.sha1(b"".join(p.detach().numpy().tobytes() for p in m.parameters())).hexdigest()
+    json.dump({"hash": h}, open(os.path.join(sys.argv[2] + "-rank" + os.environ["RANK"] + ".json"), "w"))
+    return finish(accelerator, model, *a, **kw)
+sft.finish_run = hashed_finish
 train_sft(SFTConfig(steps=3, batch_size=2, save_every=3, log_every=1, eval_every=0, threads=1),
           ModelSpec(max_audio_seconds=2), PromptConfig(), sys.argv[1], sys.argv[2])
 """
@@ -359,3 +368,5 @@ def test_ddp_two_cpu_processes(corpus, tmp_path):
     state = out / "checkpoints" / "step-3" / "trainer"
     assert (state / "random_states_0.pkl").exists() and (state / "random_states_1.pkl").exists()
     Qwen2AudioForConditionalGeneration.from_pretrained(out)
+    h0, h1 = (json.loads((tmp_path / f"ddp-rank{i}.json").read_text())["hash"] for i in (0, 1))
+    assert h0 == h1  # DDP kept the two processes' weights identical
