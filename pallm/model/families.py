@@ -126,6 +126,19 @@ def _tiny_feature_extractor(spec: ModelSpec, seconds: int) -> WhisperFeatureExtr
     )
 
 
+def _tiny_text_sizes(t, tokenizer) -> dict[str, Any]:
+    """The tiny language model's sizes, shared by both families' tiny builders."""
+    return dict(
+        vocab_size=len(tokenizer),  # exactly the tokenizer: no untrained ids that could be sampled
+        hidden_size=t.text_hidden,
+        intermediate_size=t.text_ffn,
+        num_hidden_layers=t.text_layers,
+        num_attention_heads=t.text_heads,
+        num_key_value_heads=t.text_kv_heads,
+        max_position_embeddings=t.max_positions,
+    )
+
+
 def _tiny_qwen2_audio(texts: list[str], spec: ModelSpec) -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
     t = spec.tiny
     seconds = _tiny_window_seconds(spec)
@@ -147,13 +160,7 @@ def _tiny_qwen2_audio(texts: list[str], spec: ModelSpec) -> tuple[Qwen2AudioForC
         ),
         text_config=dict(
             model_type="qwen2",
-            vocab_size=len(tokenizer),  # exactly the tokenizer: no untrained ids that could be sampled
-            hidden_size=t.text_hidden,
-            intermediate_size=t.text_ffn,
-            num_hidden_layers=t.text_layers,
-            num_attention_heads=t.text_heads,
-            num_key_value_heads=t.text_kv_heads,
-            max_position_embeddings=t.max_positions,
+            **_tiny_text_sizes(t, tokenizer),
             tie_word_embeddings=False,  # like Qwen2-7B; lets tests bias lm_head without touching inputs
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
@@ -217,13 +224,7 @@ def _tiny_qwen2_5_omni_thinker(texts: list[str], spec: ModelSpec):
             spatial_merge_size=2, out_hidden_size=t.text_hidden, fullatt_block_indexes=[0],
         ),
         text_config=dict(
-            vocab_size=len(tokenizer),  # exactly the tokenizer: no untrained ids that could be sampled
-            hidden_size=t.text_hidden,
-            intermediate_size=t.text_ffn,
-            num_hidden_layers=t.text_layers,
-            num_attention_heads=t.text_heads,
-            num_key_value_heads=t.text_kv_heads,
-            max_position_embeddings=t.max_positions,
+            **_tiny_text_sizes(t, tokenizer),
             # temporal/height/width split of the rotary frequencies, scaled from the real [16, 24, 24] (head_dim 128)
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
                              "mrope_section": [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]},
