@@ -470,29 +470,27 @@ def run_pipeline(cfg: RunConfig, out: Path, say: Say, progress_factory, overwrit
     main_rows: dict[str, tuple[Path, str, str, list[Row]]] = {}
     ablation_rows: dict[str, tuple[Path, str, str, list[Row]]] = {}
 
-    def sft_run(title: str, out_dir: Path, prompt_cfg: PromptConfig, sft_cfg, corpus_dir: Path) -> None:
-        from pallm.train.sft import train_sft
-
+    def timed_stage(title: str, out_dir: Path, train: Callable[..., Any]) -> None:
+        """Train into `out_dir` unless a finished run is there already; time it either way."""
         t0 = time.perf_counter()
         if _finished(out_dir):
             say(f"{title}: reusing {out_dir}")
         else:
             with progress_factory(title) as cb:
-                train_sft(sft_cfg, cfg.model, prompt_cfg, corpus_dir, out_dir, seed=cfg.seed,
-                          progress=lambda s, n, m: cb(s, n))
+                train(progress=lambda s, n, m: cb(s, n))
         times[title] = time.perf_counter() - t0
+
+    def sft_run(title: str, out_dir: Path, prompt_cfg: PromptConfig, sft_cfg, corpus_dir: Path) -> None:
+        from pallm.train.sft import train_sft
+
+        timed_stage(title, out_dir, lambda **kw: train_sft(sft_cfg, cfg.model, prompt_cfg, corpus_dir, out_dir,
+                                                           seed=cfg.seed, **kw))
 
     def grpo_run(title: str, out_dir: Path, grpo_cfg, init) -> None:
         from pallm.train.grpo import train_grpo
 
-        t0 = time.perf_counter()
-        if _finished(out_dir):
-            say(f"{title}: reusing {out_dir}")
-        else:
-            with progress_factory(title) as cb:
-                train_grpo(grpo_cfg, cfg.prompt, corpus, init, out_dir, seed=cfg.seed,
-                           progress=lambda s, n, m: cb(s, n))
-        times[title] = time.perf_counter() - t0
+        timed_stage(title, out_dir, lambda **kw: train_grpo(grpo_cfg, cfg.prompt, corpus, init, out_dir,
+                                                            seed=cfg.seed, **kw))
 
     init = out / "sft" if "sft" in cfg.stages else cfg.grpo_init
     g = cfg.grpo
