@@ -8,7 +8,6 @@ tiny default's random init (rebuilt by export from the run's corpus and seed).
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -19,8 +18,7 @@ from typer.testing import CliRunner
 
 from pallm.cli.main import app
 from pallm.data.audio import load_audio
-from pallm.data.manifest import read_manifest, write_manifest
-from pallm.data.parasynth import SynthConfig, synthesize
+from pallm.data.manifest import read_manifest
 from pallm.errors import PallmError
 from pallm.model import ModelSpec, build_tiny, encode_batch, load_pretrained, read_pallm_meta, save_checkpoint
 from pallm.prompts.format import PromptConfig, build_prompt
@@ -28,8 +26,9 @@ from pallm.train import SFTConfig, tokenizer_texts, train_sft
 from pallm.train.common import list_checkpoints
 from pallm.train.export import TINY_BASE, merge_lora, resolve_base
 
+from helpers import synth_corpus_random_cues
+
 SPEC = ModelSpec(max_audio_seconds=2)
-CUES = ("pitch_level", "pitch_variability", "loudness", "rate", "voice_quality")
 LORA = {"enabled": True, "r": 4, "dropout": 0.1}
 runner = CliRunner()
 
@@ -46,14 +45,7 @@ def cli(*args):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ps") / "ps40"
-    synthesize(SynthConfig(n=40, speakers=8, test_speakers=2, dev_speakers=2, workers=1, seed=1), out)
-    rows = read_manifest(out, resolve_audio=False)
-    for r in rows:
-        rng = random.Random(r.id)
-        r.cues = {c: rng.choice(("low", "mid", "high")) for c in CUES}
-    write_manifest(rows, out, overwrite=True)
-    return out
+    return synth_corpus_random_cues(tmp_path_factory.mktemp("ps") / "ps40", n=40, workers=1)
 
 
 @pytest.fixture(scope="module")

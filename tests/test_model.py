@@ -30,6 +30,8 @@ from pallm.model import (
 )
 from pallm.model import batch as batch_mod
 
+from helpers import fit_two_clips
+
 SR = 16_000
 PROMPT = "What is the speaker's sentiment?"
 TEXTS = [
@@ -218,17 +220,7 @@ def test_overfits_two_examples_that_differ_only_in_audio():
     """Same prompt, different clip, different answer: only learnable if the audio reaches the LM."""
     model, processor = build_tiny(TEXTS)
     audios, targets = [tone(1.0), noise(1.0)], ["<answer>positive</answer>", "<answer>negative</answer>"]
-    batch = encode_batch(processor, audios, [PROMPT] * 2, targets)
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(25):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_two_clips(model, processor, audios, PROMPT, targets)
     assert losses[-1] < 0.1 * losses[0], losses
     # greedy decoding (left-padded batch, KV cache) reproduces each answer from its clip alone...
     assert generate(model, processor, audios, [PROMPT] * 2, max_new_tokens=12) == targets

@@ -42,6 +42,8 @@ from pallm.model.omni import OmniAudioProcessor
 from pallm.train.grpo import PolicyScorer, completion_tensors
 from pallm.train.rollout import HFBackend
 
+from helpers import fit_two_clips
+
 FAMILY = "qwen2_5_omni_thinker"
 SPEC = ModelSpec(family=FAMILY, max_audio_seconds=2)  # 2 s window: 200 mel frames, 50 audio tokens max
 SR = 16_000
@@ -182,17 +184,7 @@ def test_forward_loss_labels_and_gradients(tiny):
 def test_learns_answers_that_only_the_audio_tells_apart_and_decodes_them():
     model, processor = build_tiny(TEXTS, SPEC)
     audios, targets = [tone(1.0), noise(1.0)], ["<answer>positive</answer>", "<answer>negative</answer>"]
-    batch = encode_batch(processor, audios, [PROMPT] * 2, targets)
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(25):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_two_clips(model, processor, audios, PROMPT, targets)
     assert losses[-1] < 0.1 * losses[0], losses
     # greedy decoding with the KV cache and the thinker's own 3-D positions, batched and alone
     assert generate(model, processor, audios, [PROMPT] * 2, max_new_tokens=12) == targets

@@ -8,7 +8,6 @@ model hears 2 s windows so steps are fast and long clips exercise truncation.
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 import warnings
@@ -22,7 +21,6 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from pallm.data.manifest import Row, read_manifest, write_manifest
-from pallm.data.parasynth import SynthConfig, synthesize
 from pallm.errors import PallmError
 from pallm.model import ModelSpec, read_pallm_meta
 from pallm.prompts.format import PromptConfig, build_target
@@ -30,8 +28,9 @@ from pallm.train import SFTConfig, build_examples, tokenizer_texts, train_sft
 from pallm.train.common import AudioCache, list_checkpoints
 from pallm.train.sft import select_train_rows
 
+from helpers import synth_corpus_random_cues
+
 SPEC = ModelSpec(max_audio_seconds=2)
-CUES = ("pitch_level", "pitch_variability", "loudness", "rate", "voice_quality")
 
 
 def small(**kw) -> SFTConfig:
@@ -41,14 +40,7 @@ def small(**kw) -> SFTConfig:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ps") / "ps80"
-    synthesize(SynthConfig(n=80, speakers=8, test_speakers=2, dev_speakers=2, workers=2, seed=1), out)
-    rows = read_manifest(out, resolve_audio=False)
-    for r in rows:
-        rng = random.Random(r.id)
-        r.cues = {c: rng.choice(("low", "mid", "high")) for c in CUES}
-    write_manifest(rows, out, overwrite=True)
-    return out
+    return synth_corpus_random_cues(tmp_path_factory.mktemp("ps") / "ps80", n=80, workers=2)
 
 
 @pytest.fixture(scope="module")
