@@ -19,6 +19,7 @@ The pure pieces (advantages, losses, KL) are functions at the top, tested on han
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -302,6 +303,11 @@ class _Captured(Exception):
     pass
 
 
+def _cache_kwarg(lm) -> str:
+    """transformers 5 calls the KV cache argument `cache` (`past_key_values` before)."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
 class PolicyScorer(torch.nn.Module):
     """Per-token log-probabilities and entropies of completion tokens under the policy.
 
@@ -310,6 +316,11 @@ class PolicyScorer(torch.nn.Module):
     - the audio is encoded once per prompt, not once per completion: the prompt embeddings (text +
       audio encoder + projector, with gradients) are computed for the B prompts and repeated over
       their G completions. On the tiny model the encoder was 2/3 of a step's backward time.
+    - the language model runs over each prompt once too: the prompt's keys and values (with
+      gradients) are repeated over its G completions, which then attend to them as to a KV cache.
+      A classify prompt (~75 audio + ~60 text tokens) is three times its completion, so this cuts
+      the language model's work per step about in half. Gradient checkpointing drops caches, so
+      with it on the full (prompt + completion) rows are run instead; both give the same numbers.
     - the LM head runs on completion positions only: a Qwen2-Audio vocabulary (152k) over every
       audio and prompt position would cost more memory than the 7B model itself.
 
@@ -350,15 +361,26 @@ class PolicyScorer(torch.nn.Module):
                 with_entropy: bool = True):
         base = self._base()
         core = base.model
+        lm = core.language_model
         G = completion_ids.shape[0] // prompt_ids.shape[0]
         mask = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask], 1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         prompt_embeds = self._prompt_embeds(core, prompt_ids, prompt_mask, input_features, feature_attention_mask)
-        embeds = torch.cat([prompt_embeds.repeat_interleave(G, 0), core.get_input_embeddings()(completion_ids)], 1)
-        hidden = core.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                                     use_cache=False).last_hidden_state
-        c = completion_ids.shape[1]
-        logits = base.get_output_embeddings()(hidden[:, -c - 1 : -1]).float() / self.temperature
+        completion_embeds = core.get_input_embeddings()(completion_ids)
+        p, c = prompt_ids.shape[1], completion_ids.shape[1]
+        if (getattr(lm, "gradient_checkpointing", False) and lm.training) or G == 1:
+            embeds = torch.cat([prompt_embeds.repeat_interleave(G, 0), completion_embeds], 1)
+            hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+            hidden = hidden[:, -c - 1 : -1]
+        else:
+            out = lm(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=pos[::G, :p], use_cache=True)
+            cache = out["cache"] if "cache" in out else out["past_key_values"]
+            cache.batch_repeat_interleave(G)  # differentiable: each prompt's K/V now feeds G rows
+            after = lm(inputs_embeds=completion_embeds, attention_mask=mask, position_ids=pos[:, p:], use_cache=True,
+                       **{_cache_kwarg(lm): cache}).last_hidden_state
+            # The prompt's last position predicts each completion's first token.
+            hidden = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(G, 0), after[:, :-1]], 1)
+        logits = base.get_output_embeddings()(hidden).float() / self.temperature
         logp_all = torch.log_softmax(logits, dim=-1)
         logp = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
