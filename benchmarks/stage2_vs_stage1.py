@@ -1,7 +1,7 @@
 """Does stage 2 beat stage 1 at the same training budget? The experiment behind issue 4's claim.
 
-    python benchmarks/stage2_vs_stage1.py                       # 3 seeds, ~10 min per seed here
-    python benchmarks/stage2_vs_stage1.py --seeds 0 --out runs/s2 grpo.conflict_share=0.5
+    python benchmarks/stage2_vs_stage1.py                       # 3 seeds, ~13 min per seed alone here
+    python benchmarks/stage2_vs_stage1.py grpo.conflict_share=0.5 --seeds 0 --out runs/s2
     python benchmarks/stage2_vs_stage1.py --style-strength 1.0 --out runs/s2_hard   # the harder corpus
 
 Per seed (the run seed and the tiny model's init seed: initial weights, data order, sampling):
@@ -15,7 +15,7 @@ Per seed (the run seed and the tiny model's init seed: initial weights, data ord
 Every model is evaluated with `pallm eval` (greedy) on the ParaSynth test split. Prints UA on all /
 congruent / conflict rows per seed, the means, and the issue's three checks:
 conflict(grpo) - conflict(sft_long) >= +8 points, congruent(grpo) >= congruent(sft_long) - 2, and
-conflict(grpo) >= conflict(grpo_single). Finished steps are reused, so an interrupted run resumes.
+UA all(grpo) >= UA all(grpo_single) (classification). Finished steps are reused, so an interrupted run resumes.
 Prints numbers; it is not a test.
 """
 
@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pallm.cli.stages import load_run_config
+
 
 def sh(args: list[str], log: Path) -> None:
     with open(log, "w") as f:
@@ -39,7 +41,7 @@ def sh(args: list[str], log: Path) -> None:
 def corpus_path(common: list[str]) -> Path:
     """The ParaSynth corpus these runs train on, prepared (synthesised + cues) on first use, as
     `pallm train` does."""
-    from pallm.cli.stages import _corpus_of, load_run_config
+    from pallm.cli.stages import _corpus_of
 
     return _corpus_of(load_run_config(None, common))
 
@@ -67,8 +69,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
                     help="comma-separated, e.g. 0,1,2 (one process per seed can share --out)")
-    ap.add_argument("--sft-steps", type=int, default=400)
-    ap.add_argument("--grpo-steps", type=int, default=200)
+    ap.add_argument("--sft-steps", type=int, default=None, help="default: the config's sft.steps (400)")
+    ap.add_argument("--grpo-steps", type=int, default=None, help="default: the config's grpo.steps (400)")
     ap.add_argument("--out", type=Path, default=Path("runs/stage2_vs_stage1"))
     ap.add_argument("--style-strength", type=float, default=None,
                     help="ParaSynth's data.synth.style_strength for every run (default: the config's)")
@@ -76,6 +78,9 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="grpo.* overrides applied to both stage-2 runs")
     a = ap.parse_args()
     common = [] if a.style_strength is None else [f"data.synth.style_strength={a.style_strength}"]
+    defaults = load_run_config(None, common)
+    a.sft_steps = a.sft_steps or defaults.sft.steps
+    a.grpo_steps = a.grpo_steps or defaults.grpo.steps
     corpus = corpus_path(common)
     kinds = ("sft", "sft_long", "grpo") if a.skip_single else ("sft", "sft_long", "grpo", "grpo_single")
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}

@@ -110,7 +110,7 @@ class AblationSteps(BaseModel):
     # "SFT, no CoT": optimizer steps; null = sft.steps (the same budget as stage 1).
     sft: int | None = Field(None, ge=1)
     # "GRPO, single task": optimizer steps. "same" = grpo.steps. "matched" = grpo.steps x the
-    # expected share of classify prompts in stage 2 (0.5 by default: 100 of 200 steps), i.e. the
+    # expected share of classify prompts in stage 2 (0.625 by default: 250 of 400 steps), i.e. the
     # single-task run sees as many classification prompts (and completions) as PALLM's stage 2.
     grpo: int | Literal["same", "matched"] = "matched"
 

@@ -20,7 +20,7 @@ def test_default_rows():
     c = cfg()
     assert c.baselines == ["acoustic", "text", "text_llm"] and c.ablations == ["single_task_rl"]
     assert c.eval.llm_judge is None
-    assert single_task_steps(c) == 125  # 200 steps x classify share 1 - 0.75 x 0.5 (conflict_share 0.25)
+    assert single_task_steps(c) == 250  # 400 steps x classify share 1 - 0.75 x 0.5 (conflict_share 0.25)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -52,7 +52,7 @@ def test_rows_are_deduplicated_and_api_names_accepted():
 
 
 def test_single_task_budget():
-    assert single_task_steps(cfg("ablation_steps.grpo=same")) == 200
+    assert single_task_steps(cfg("ablation_steps.grpo=same")) == 400
     assert single_task_steps(cfg("ablation_steps.grpo=37")) == 37
     # conflict prompts and hard-row oversampling are classify prompts too
     c = cfg("grpo.conflict_share=0.5", "grpo.steps=40")
