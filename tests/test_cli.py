@@ -1,6 +1,7 @@
 """The command line: one-line errors with exit code 2, presets, and the pipeline end to end."""
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -83,6 +84,16 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
     assert "conflict" in report and ".png" in report
     assert "| text-only LLM (SFT on transcripts) |" in report and "| GRPO, single task |" in report
     assert "What each row is" in report
+    # The rows beside the main line trained in a second process (2+ cores here); trained all in
+    # one process instead, every checkpoint is bit-identical and so is every number.
+    if os.cpu_count() >= 2:
+        assert "training in a second process" in r.output
+    r = _run("run", "--preset", "smoke", "--out", "seq", "parallel_rows=false")
+    assert r.exit_code == 0 and "second process" not in r.output, r.output
+    for f in ("sft", "grpo", "text_llm", "ablations/no_cot", "ablations/single_task_rl"):
+        assert (run / f / "model.safetensors").read_bytes() == (tmp_path / "seq" / f / "model.safetensors").read_bytes(), f
+    seq = json.loads((tmp_path / "seq" / "metrics.json").read_text())
+    assert {k: m["metrics"] for k, m in seq["models"].items()} == {k: m["metrics"] for k, m in metrics["models"].items()}
     # A second run with the same config reuses the trained stages; another config is refused.
     r = _run("run", "--preset", "smoke", "--out", "run")
     assert r.exit_code == 0 and "reusing" in r.output
