@@ -1,6 +1,7 @@
 """`pallm run`: the whole pipeline as one readable recipe.
 
-    data -> cues -> baselines -> stage 1 (SFT) -> stage 2 (GRPO) -> text-only LLM -> ablations
+    data -> cues -> baselines -> stage 1 (SFT) -> stage 2 (GRPO)      (main process)
+                               text-only LLM, ablations           (beside them, a second process)
          -> evaluation + probes (+ API models) -> report
 
 The rows of the report beyond SFT and PALLM are chosen in the config: `baselines` (no-LLM
@@ -142,7 +143,7 @@ class RunConfig(BaseModel):
     # transcripts alone; api:<name>: an API audio model (skipped with a note when its key is unset).
     baselines: list[str] = ["acoustic", "text", "text_llm"]
     # no_cot: stage 1 with prompt.cot=false; single_task_rl: stage 2 on classification only.
-    ablations: list[str] = ["single_task_rl"]
+    ablations: list[str] = ["no_cot", "single_task_rl"]
     ablation_steps: AblationSteps = Field(default_factory=AblationSteps)
     # Train the rows beside the main line (text-only LLM, ablations) in a second process while
     # stage 1 and stage 2 train in this one: they are independent and each uses one thread, so on
@@ -591,7 +592,7 @@ def run_pipeline(cfg: RunConfig, out: Path, say: Say, progress_factory, overwrit
     off = [a for a in ABLATIONS if a not in cfg.ablations]
     if off:
         notes.append("Not run: " + ", ".join(f"{ROW_NAMES[a]} (`{a}`)" for a in off) + "; add to `ablations` to run "
-                     "(the default set keeps `pallm run` within 10 minutes on 2 CPU cores, docs/report.md).")
+                     "(docs/report.md).")
     llm_judge = _make_llm_judge(cfg, notes)
     t0 = time.perf_counter()
     evaluated: dict[str, Any] = {}

@@ -18,7 +18,7 @@ def cfg(*overrides):
 
 def test_default_rows():
     c = cfg()
-    assert c.baselines == ["acoustic", "text", "text_llm"] and c.ablations == ["single_task_rl"]
+    assert c.baselines == ["acoustic", "text", "text_llm"] and c.ablations == ["no_cot", "single_task_rl"]
     assert c.eval.llm_judge is None
     assert single_task_steps(c) == 250  # 400 steps x classify share 1 - 0.75 x 0.5 (conflict_share 0.25)
 
@@ -42,7 +42,7 @@ def test_unknown_rows_and_bad_blocks_are_clear_errors(override, message):
 def test_single_task_rl_needs_a_stage_1_checkpoint():
     with pytest.raises(ConfigError, match="single_task_rl starts from the stage-1 checkpoint"):
         cfg("stages=[grpo]", "grpo_init=null")
-    assert cfg("stages=[grpo]", "grpo_init=runs/x/sft").ablations == ["single_task_rl"]
+    assert cfg("stages=[grpo]", "grpo_init=runs/x/sft").ablations == ["no_cot", "single_task_rl"]
     assert cfg("stages=[grpo]", "ablations=[]").ablations == []
 
 
