@@ -38,12 +38,12 @@ def sh(args: list[str], log: Path) -> None:
         sys.exit(f"failed (exit {r.returncode}): pallm {' '.join(args)}\n  see {log}")
 
 
-def corpus_path(common: list[str]) -> Path:
+def corpus_path(cfg) -> Path:
     """The ParaSynth corpus these runs train on, prepared (synthesised + cues) on first use, as
     `pallm train` does."""
     from pallm.cli.stages import _corpus_of
 
-    return _corpus_of(load_run_config(None, common))
+    return _corpus_of(cfg)
 
 
 def ua(model_dir: Path, corpus: Path) -> dict[str, float]:
@@ -81,7 +81,7 @@ def main() -> None:
     defaults = load_run_config(None, common)
     a.sft_steps = a.sft_steps or defaults.sft.steps
     a.grpo_steps = a.grpo_steps or defaults.grpo.steps
-    corpus = corpus_path(common)
+    corpus = corpus_path(defaults)
     kinds = ("sft", "sft_long", "grpo") if a.skip_single else ("sft", "sft_long", "grpo", "grpo_single")
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     for seed in a.seeds:

@@ -33,8 +33,8 @@ from pallm.data.parasynth.generate import SynthConfig
 from pallm.errors import PallmError
 from pallm.model.build import ModelSpec
 from pallm.prompts.format import PromptConfig
-from pallm.train.grpo import GRPOConfig
-from pallm.train.sft import SFTConfig
+from pallm.train.grpo import GRPOConfig, train_grpo
+from pallm.train.sft import SFTConfig, train_sft
 
 Say = Callable[[str], None]
 
@@ -236,18 +236,11 @@ def _check_run_folder(cfg: RunConfig, out: Path, overwrite: bool) -> None:
     dump_config(cfg, saved)
 
 
-def _train_elsewhere(kind: str, kwargs: dict[str, Any]) -> float:
-    """A training stage in the second process (module level, so `spawn` can find it); returns its
+def _timed(train: Callable[..., Any], kwargs: dict[str, Any]) -> float:
+    """`train(**kwargs)` in the second process (module level, so `spawn` can find it); returns its
     wall time."""
     t0 = time.perf_counter()
-    if kind == "sft":
-        from pallm.train.sft import train_sft
-
-        train_sft(**kwargs)
-    else:
-        from pallm.train.grpo import train_grpo
-
-        train_grpo(**kwargs)
+    train(**kwargs)
     return time.perf_counter() - t0
 
 
@@ -506,18 +499,14 @@ def run_pipeline(cfg: RunConfig, out: Path, say: Say, progress_factory, overwrit
             if cfg.parallel_rows and (os.cpu_count() or 1) >= 2 else None)
     side_jobs: dict[str, Future] = {}
 
-    def stage(title: str, out_dir: Path, kind: str, kwargs: dict[str, Any], beside: bool) -> None:
+    def stage(title: str, out_dir: Path, train: Callable[..., Any], kwargs: dict[str, Any], beside: bool) -> None:
         """Train one stage here (with a progress bar), or, for a row `beside` the main line, in the
         second process when there is one (collected by `wait_beside`)."""
         if beside and side is not None and not _finished(out_dir):
             say(f"{title}: training in a second process")
-            side_jobs[title] = side.submit(_train_elsewhere, kind, kwargs)
+            side_jobs[title] = side.submit(_timed, train, kwargs)
             return
-        from pallm.train.grpo import train_grpo
-        from pallm.train.sft import train_sft
-
-        fn = train_sft if kind == "sft" else train_grpo
-        timed_stage(title, out_dir, lambda **kw: fn(**kwargs, **kw))
+        timed_stage(title, out_dir, lambda **kw: train(**kwargs, **kw))
 
     def wait_beside() -> None:
         for title, job in side_jobs.items():
@@ -527,12 +516,12 @@ def run_pipeline(cfg: RunConfig, out: Path, say: Say, progress_factory, overwrit
         side_jobs.clear()
 
     def sft_run(title: str, out_dir: Path, prompt_cfg: PromptConfig, sft_cfg, corpus_dir: Path, beside: bool = False) -> None:
-        stage(title, out_dir, "sft", dict(cfg=sft_cfg, model_spec=cfg.model, prompt_cfg=prompt_cfg, corpus=corpus_dir,
-                                          out=out_dir, seed=cfg.seed), beside)
+        stage(title, out_dir, train_sft, dict(cfg=sft_cfg, model_spec=cfg.model, prompt_cfg=prompt_cfg, corpus=corpus_dir,
+                                            out=out_dir, seed=cfg.seed), beside)
 
     def grpo_run(title: str, out_dir: Path, grpo_cfg, init, beside: bool = False) -> None:
-        stage(title, out_dir, "grpo", dict(cfg=grpo_cfg, prompt_cfg=cfg.prompt, corpus=corpus, init=init,
-                                           out=out_dir, seed=cfg.seed), beside)
+        stage(title, out_dir, train_grpo, dict(cfg=grpo_cfg, prompt_cfg=cfg.prompt, corpus=corpus, init=init,
+                                               out=out_dir, seed=cfg.seed), beside)
 
     init = out / "sft" if "sft" in cfg.stages else cfg.grpo_init
     g = cfg.grpo

@@ -19,7 +19,6 @@ The pure pieces (advantages, losses, KL) are functions at the top, tested on han
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import os
@@ -306,11 +305,6 @@ class _Captured(Exception):
     pass
 
 
-def _cache_kwarg(lm) -> str:
-    """transformers 5 calls the KV cache argument `cache` (`past_key_values` before)."""
-    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-
-
 class PolicyScorer(torch.nn.Module):
     """Per-token log-probabilities and entropies of completion tokens under the policy.
 
@@ -377,10 +371,9 @@ class PolicyScorer(torch.nn.Module):
             hidden = hidden[:, -c - 1 : -1]
         else:
             out = lm(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=pos[::G, :p], use_cache=True)
-            cache = out["cache"] if "cache" in out else out["past_key_values"]
-            cache.batch_repeat_interleave(G)  # differentiable: each prompt's K/V now feeds G rows
+            out.cache.batch_repeat_interleave(G)  # differentiable: each prompt's K/V now feeds G rows
             after = lm(inputs_embeds=completion_embeds, attention_mask=mask, position_ids=pos[:, p:], use_cache=True,
-                       **{_cache_kwarg(lm): cache}).last_hidden_state
+                       cache=out.cache).last_hidden_state
             # The prompt's last position predicts each completion's first token.
             hidden = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(G, 0), after[:, :-1]], 1)
         logits = base.get_output_embeddings()(hidden).float() / self.temperature
