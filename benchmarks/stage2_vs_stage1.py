@@ -3,6 +3,7 @@
     python benchmarks/stage2_vs_stage1.py                       # 3 seeds, ~13 min per seed alone here
     python benchmarks/stage2_vs_stage1.py grpo.conflict_share=0.5 --seeds 0 --out runs/s2
     python benchmarks/stage2_vs_stage1.py --style-strength 1.0 --out runs/s2_hard   # the harder corpus
+    python benchmarks/stage2_vs_stage1.py prompt.speaker_reference=true --out runs/ref  # both stages hear a reference
 
 Per seed (the run seed and the tiny model's init seed: initial weights, data order, sampling):
 
@@ -75,9 +76,13 @@ def main() -> None:
     ap.add_argument("--style-strength", type=float, default=None,
                     help="ParaSynth's data.synth.style_strength for every run (default: the config's)")
     ap.add_argument("--skip-single", action="store_true", help="no classification-only run (and no multi vs single check)")
-    ap.add_argument("overrides", nargs="*", help="grpo.* overrides applied to both stage-2 runs")
+    ap.add_argument("overrides", nargs="*",
+                    help="config overrides: grpo.* go to both stage-2 runs, anything else (e.g. "
+                         "prompt.speaker_reference=true) to every run, stage 1 included")
     a = ap.parse_args()
     common = [] if a.style_strength is None else [f"data.synth.style_strength={a.style_strength}"]
+    common += [o for o in a.overrides if not o.startswith("grpo.")]
+    stage2 = [o for o in a.overrides if o.startswith("grpo.")]
     defaults = load_run_config(None, common)
     a.sft_steps = a.sft_steps or defaults.sft.steps
     a.grpo_steps = a.grpo_steps or defaults.grpo.steps
@@ -90,7 +95,7 @@ def main() -> None:
         init = [f"model.tiny.seed={seed}"]  # the seed draws the tiny model's initial weights too
         train("sft", d / "sft", seed, [*common, *init, f"sft.steps={a.sft_steps}"])
         train("sft", d / "sft_long", seed, [*common, *init, f"sft.steps={a.sft_steps + a.grpo_steps}"])
-        grpo = [*common, f"grpo.steps={a.grpo_steps}", *a.overrides]
+        grpo = [*common, f"grpo.steps={a.grpo_steps}", *stage2]
         train("grpo", d / "grpo", seed, grpo, init=d / "sft")
         if not a.skip_single:
             train("grpo", d / "grpo_single", seed, [*grpo, "grpo.task_weights.classify=1", "grpo.task_weights.respond=0"],

@@ -265,7 +265,7 @@ def _examples(preds, rows: list[Row], k: int) -> list[dict[str, Any]]:
 
 def text_only_corpus(corpus: Path, out_dir: Path) -> Path:
     """The corpus as the text-only LLM sees it: the same rows (ids, splits, labels, transcripts,
-    measured cues, reference replies) with every clip replaced by one shared clip of
+    measured cues, reference replies) with every clip (and speaker reference) replaced by one shared clip of
     TEXT_ONLY_SILENCE_S seconds of silence, at train and at test time.
 
     Why silence and not a prompt without the audio turn: the model, its chat template, the prompt
@@ -289,6 +289,8 @@ def text_only_corpus(corpus: Path, out_dir: Path) -> Path:
         d = r.to_json()
         d.pop("channel", None)  # stereo conversational corpora: the silence is mono
         d.update(audio=silence.name, duration=TEXT_ONLY_SILENCE_S)
+        if d.get("reference_audio"):  # the speaker reference, when the prompt plays one, is silent too
+            d["reference_audio"] = silence.name
         rows.append(d)
     write_manifest(rows, out_dir, overwrite=True)
     return out_dir

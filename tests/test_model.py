@@ -228,6 +228,35 @@ def test_overfits_two_examples_that_differ_only_in_audio():
     assert generate(model, processor, audios[1:], [PROMPT], max_new_tokens=12) == targets[1:]
 
 
+def test_rows_with_a_reference_clip_carry_both_clips_in_order(tiny):
+    """(reference, clip) rows: two audio turns in the chat template, features row by row, clip by clip."""
+    model, processor = tiny
+    batch = encode_batch(processor, [(tone(1.0), noise(0.4)), noise(2.0)], [PROMPT] * 2)
+    assert batch["input_features"].shape[0] == 3
+    assert batch["feature_attention_mask"].sum(-1).tolist() == [100, 40, 200]
+    assert n_audio(processor, batch["input_ids"]).tolist() == [35, 50]
+    text = processor.tokenizer.decode(batch["input_ids"][0])
+    assert text.count("<|audio_bos|>") == 2 and "Audio 1:" in text and "Audio 2:" in text
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_the_reference_clip_reaches_the_model_and_survives_sampling_expansion():
+    """Same clip, different references, different answers: learnable only if the first audio turn
+    reaches the LM. Sampling G per row must keep each row's clips together (transformers' own
+    expansion would repeat feature rows, pairing copies with the wrong clips)."""
+    model, processor = build_tiny(TEXTS)
+    clip = noise(1.0, seed=3)
+    audios, targets = [(tone(1.0), clip), (noise(1.0), clip)], ["<answer>positive</answer>", "<answer>negative</answer>"]
+    losses = fit_two_clips(model, processor, audios, PROMPT, targets, steps=40)
+    assert losses[-1] < 0.1 * losses[0], losses
+    assert generate(model, processor, audios, [PROMPT] * 2, max_new_tokens=12) == targets
+    torch.manual_seed(0)
+    sampled = generate(model, processor, audios, [PROMPT] * 2, max_new_tokens=12, do_sample=True, temperature=0.05,
+                       num_return_sequences=3)
+    assert sampled == [targets[0]] * 3 + [targets[1]] * 3
+
+
 # --- generation ---------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """Measured acoustic cues (pitch, loudness, rate, voice quality): the evidence the chain-of-thought
-talks about. `annotate_corpus(dir)` adds `cues` and `cue_z` to a corpus's manifest."""
+talks about. `annotate_corpus(dir)` adds `cues`, `cue_z` and `reference_audio` to a corpus's manifest."""
 
 from pallm.acoustics.cues import (
     CUE_FEATURES,
@@ -12,6 +12,7 @@ from pallm.acoustics.cues import (
     cue_values,
     level,
     measure_cues,
+    speaker_references,
     zscores,
 )
 from pallm.acoustics.features import extract_functionals, feature_names, measure_file, rich_progress
@@ -31,5 +32,6 @@ __all__ = [
     "measure_cues",
     "measure_file",
     "rich_progress",
+    "speaker_references",
     "zscores",
 ]

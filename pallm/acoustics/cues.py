@@ -129,7 +129,8 @@ def measure_cues(
     threshold: float = DEFAULT_THRESHOLD,
     min_utterances: int = MIN_UTTERANCES,
 ) -> list[Row]:
-    """Copies of `rows` with `cues` (cue -> low/mid/high) and `cue_z` (cue -> z, 3 decimals).
+    """Copies of `rows` with `cues` (cue -> low/mid/high), `cue_z` (cue -> z, 3 decimals) and,
+    where a row has none, `reference_audio` (see `speaker_references`).
 
     Pass every split of a corpus at once: the speaker baselines are computed over `rows`.
     Features are cached in `cache_dir/egemaps.parquet`. Bins are computed from the rounded z so
@@ -144,6 +145,32 @@ def measure_cues(
         cue_z = {c: round(float(v), 3) + 0.0 for c, v in zip(CUE_NAMES, zs) if np.isfinite(v)}
         cues = {c: level(v, threshold) for c, v in cue_z.items()}
         out.append(row.model_copy(update={"cues": cues, "cue_z": cue_z}))
+    refs = speaker_references(out)
+    return [r if r.reference_audio else r.model_copy(update={"reference_audio": refs[r.id].audio}) for r in out]
+
+
+def speaker_references(rows: Sequence[Row]) -> dict[str, Row]:
+    """Row id -> the clip that shows its speaker's usual voice: the speaker's most typical *other*
+    utterance, the one whose cues sit closest to the speaker's own mean (smallest mean squared
+    cue z over the cues measured, clips with more measured cues first, ties by id).
+
+    Why: the cue bins are relative to the speaker, and one clip alone does not show the speaker's
+    baseline (a high voice at rest sounds "high"). A model that hears this reference first can
+    compare, as the bins do. Label-free: it uses the audio measures only, so test speakers get
+    references from their own unlabelled clips. A speaker with a single clip is their own reference.
+    """
+    by_speaker: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        by_speaker.setdefault((r.corpus, r.speaker), []).append(r)
+    out: dict[str, Row] = {}
+    for clips in by_speaker.values():
+        def typicality(r: Row) -> tuple[int, float, str]:
+            z = [v for v in (getattr(r, "cue_z", None) or {}).values() if v is not None]
+            return (-len(z), float(np.mean(np.square(z))) if z else np.inf, r.id)
+
+        ranked = sorted(clips, key=typicality)
+        for r in clips:
+            out[r.id] = ranked[1] if (ranked[0].id == r.id and len(ranked) > 1) else ranked[0]
     return out
 
 
@@ -155,7 +182,8 @@ def annotate_corpus(
     threshold: float = DEFAULT_THRESHOLD,
     min_utterances: int = MIN_UTTERANCES,
 ) -> Path:
-    """Measure a corpus and rewrite its manifest with `cues` and `cue_z`; returns the manifest path.
+    """Measure a corpus and rewrite its manifest with `cues`, `cue_z` and (where absent)
+    `reference_audio`; returns the manifest path.
 
     The user's manifest is first copied to `manifest.orig.jsonl` (or `manifest.orig.N.jsonl` if
     that holds a different, older original). Re-running is a cache hit and rewrites the same bytes.
@@ -171,7 +199,11 @@ def annotate_corpus(
     )
     # Write back the rows as the user wrote them (relative audio paths), plus the cues.
     original = read_manifest(manifest, resolve_audio=False)
-    out = [o.model_copy(update={"cues": m.cues, "cue_z": m.cue_z}) for o, m in zip(original, measured)]
+    # Reference clips are written in the manifest's own form (relative when `audio` is).
+    as_written = {m.audio: o.audio for o, m in zip(original, measured)}
+    out = [o.model_copy(update={"cues": m.cues, "cue_z": m.cue_z,
+                                "reference_audio": o.reference_audio or as_written.get(m.reference_audio, m.reference_audio)})
+           for o, m in zip(original, measured)]
     stamp = cache_dir / "manifest.sha256"  # digest of the manifest we last wrote
     _backup_original(manifest, stamp)
     path = write_manifest(out, folder, overwrite=True)

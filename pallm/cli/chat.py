@@ -110,8 +110,11 @@ def chat_clip(
     transcript: str | None = None,
     max_new_tokens: int = 128,
     batch_size: int = 8,
+    reference=None,
 ) -> dict[str, Any]:
-    """Run the model on one clip (windowed if longer than `window_seconds`); a JSON-able result."""
+    """Run the model on one clip (windowed if longer than `window_seconds`); a JSON-able result.
+    `reference` (samples) is the speaker's reference clip, heard before each window by models
+    trained with `prompt.speaker_reference`."""
     import soundfile as sf
 
     from pallm.data.audio import SAMPLE_RATE, load_audio
@@ -134,7 +137,7 @@ def chat_clip(
         prompt = build_prompt(t, row, prompt_cfg, labels)
         texts: list[str] = []
         for start in range(0, len(windows), batch_size):
-            chunk = [w for _, _, w in windows[start : start + batch_size]]
+            chunk = [w if reference is None else (reference, w) for _, _, w in windows[start : start + batch_size]]
             texts += generate(model, processor, chunk, [prompt] * len(chunk), max_new_tokens=max_new_tokens,
                               do_sample=False)
         outputs[t] = texts
@@ -244,6 +247,8 @@ def chat(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     batch_size: int = typer.Option(8, "--batch-size", help="windows decoded together"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per clip on stdout instead of panels"),
+    reference: Optional[Path] = typer.Option(
+        None, "--reference", help="a clip of the same speaker in their usual voice (models trained with prompt.speaker_reference)"),
 ) -> None:
     """Ask a checkpoint how clips sound: reasoning, sentiment and a reply (long clips in windows, majority vote)."""
     from pydantic import ValidationError
@@ -286,6 +291,17 @@ def chat(
         if prompt_cfg.target != "sentiment":
             raise PallmError(f"{model}/pallm.json: an emotion model needs its 'labels' list; none found.")
         labels = label_set(prompt_cfg)
+    ref_wav = None
+    if prompt_cfg.speaker_reference:
+        if reference is None:
+            raise ConfigError(f"{model} was trained to hear the speaker's usual voice first (prompt.speaker_reference): "
+                              "pass --reference CLIP, a recording of the same speaker speaking normally.")
+        from pallm.data.audio import load_audio
+
+        check_clip(reference)
+        ref_wav = load_audio(reference)
+    elif reference is not None:
+        console.print(f"[yellow]note[/] {model} does not use a speaker reference; --reference is ignored.", highlight=False)
     window = model_window_seconds(processor, meta)
     console.print(f"[dim]{model}: {len(clips)} clip(s), audio window {window:g} s, task {task}[/]", highlight=False)
 
@@ -296,7 +312,7 @@ def chat(
             words = side.read_text(encoding="utf-8", errors="replace").strip() or None
         try:
             result = chat_clip(net, processor, path, task, prompt_cfg, labels, window, words,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, reference=ref_wav)
         except AudioError as e:
             if n_clips == 1:
                 raise

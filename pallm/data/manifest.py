@@ -42,6 +42,9 @@ class Row(BaseModel):
     fold: int | str | None = None
     response: str | None = None
     cues: dict[str, str] | None = None
+    # A clip of the same speaker in their usual voice (path like `audio`), heard before the clip by
+    # models trained with `prompt.speaker_reference`. `pallm data cues` fills it in when absent.
+    reference_audio: str | None = None
 
     @field_validator("emotion")
     @classmethod
@@ -95,8 +98,11 @@ def read_manifest(
                     f"{p}:{lineno}: duplicate id '{row.id}' (first on line {seen[row.id]}). Ids must be unique."
                 )
             seen[row.id] = lineno
-            if resolve_audio and not os.path.isabs(row.audio):
-                row.audio = str((p.parent / row.audio).resolve())
+            if resolve_audio:
+                if not os.path.isabs(row.audio):
+                    row.audio = str((p.parent / row.audio).resolve())
+                if row.reference_audio and not os.path.isabs(row.reference_audio):
+                    row.reference_audio = str((p.parent / row.reference_audio).resolve())
             if split is None or row.split == split:
                 rows.append(row)
     if split is not None and not rows:

@@ -14,6 +14,7 @@ import numpy as np
 
 from pallm.data.audio import audio_duration, load_audio
 from pallm.data.manifest import Row
+from pallm.errors import PallmError
 from pallm.model import generate
 from pallm.prompts.format import PromptConfig, build_prompt, label_set, parse_completion
 
@@ -38,6 +39,25 @@ def gold_label(row: Row, prompt_cfg: PromptConfig) -> str | None:
 def row_audio(row: Row) -> np.ndarray:
     # `channel` is an extra field on stereo conversational corpora (Expresso): one speaker each.
     return load_audio(row.audio, channel=getattr(row, "channel", None))
+
+
+def reference_row(row: Row) -> Row:
+    """The row's speaker reference as a row of its own (same speaker and channel), for audio loaders."""
+    if not row.reference_audio:
+        raise PallmError(
+            f"row '{row.id}': this model first hears a reference clip of the speaker (prompt.speaker_reference), "
+            "but the row has no `reference_audio`. Run `pallm data cues CORPUS` to add one per row, or set the "
+            "field to a clip of the same speaker in their usual voice."
+        )
+    return row.model_copy(update={"id": f"{row.id}#reference", "audio": row.reference_audio})
+
+
+def model_audio(row: Row, prompt_cfg: PromptConfig, audio_fn: Callable[[Row], np.ndarray] = row_audio,
+                reference_fn: Callable[[Row], np.ndarray] = row_audio) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """What the model hears for `row`: `audio_fn(row)`, or (speaker reference, clip) when the prompt
+    says so. The probes replace the clip only; the reference stays the speaker's."""
+    clip = audio_fn(row)
+    return (reference_fn(reference_row(row)), clip) if prompt_cfg.speaker_reference else clip
 
 
 def _duration(row: Row) -> float:
@@ -75,17 +95,19 @@ def predict(
     *,
     system: str | None = None,
     max_audio_seconds: float | None = None,
+    reference_fn: Callable[[Row], np.ndarray] | None = None,
 ) -> list[Prediction]:
     """Greedy predictions for `rows`, returned in input order.
 
     `audio_fn(row)` replaces the row's audio (the shortcut probes feed silence or another clip);
+    `reference_fn` loads speaker references (`prompt_cfg.speaker_reference`; default: from disk);
     `labels` defaults to the prompt's label set (for the emotion target, the rows' emotions).
     `system` and `max_audio_seconds` go to `pallm.model.generate` unchanged.
     """
     rows = list(rows)
     if labels is None:
         labels = label_set(prompt_cfg, sorted({r.emotion for r in rows if r.emotion}))
-    audio_fn = audio_fn or row_audio
+    audio_fn, reference_fn = audio_fn or row_audio, reference_fn or row_audio
     # Similar lengths in one batch waste less compute on padding; results go back to input order.
     order = sorted(range(len(rows)), key=lambda i: _duration(rows[i]))
     out: list[Prediction | None] = [None] * len(rows)
@@ -97,7 +119,7 @@ def predict(
         texts = generate(
             model,
             processor,
-            [audio_fn(r) for r in batch],
+            [model_audio(r, prompt_cfg, audio_fn, reference_fn) for r in batch],
             [build_prompt(task, r, prompt_cfg, labels) for r in batch],
             system=system,
             max_new_tokens=max_new_tokens,

@@ -75,7 +75,7 @@ def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
 
 def encode_batch(
     processor,
-    audios: Sequence[np.ndarray],
+    audios: Sequence[np.ndarray | tuple[np.ndarray, ...]],
     prompts: Sequence[str],
     completions: Sequence[str | Sequence[int]] | None = None,
     *,
@@ -83,8 +83,11 @@ def encode_batch(
     max_audio_seconds: float | None = None,
     padding_side: str | None = None,
 ) -> BatchFeature:
-    """Chat-template prompts with one clip each -> `input_ids`, `attention_mask`, `input_features`,
+    """Chat-template prompts with their clips -> `input_ids`, `attention_mask`, `input_features`,
     `feature_attention_mask`, and with `completions` also `labels` (-100 except on completion tokens).
+
+    An entry of `audios` is one clip (1-D samples) or a tuple of clips heard in that order in the
+    same user turn, e.g. (speaker reference, clip); features come out row by row, clip by clip.
 
     A completion is a string (tokenised and closed with the end-of-turn token, which the model must
     learn to emit) or token ids as sampled by `generate(return_ids=True)` (used as is, so RL scores
@@ -106,8 +109,10 @@ def encode_batch(
         if any(t in p for t in family.audio_tokens):
             raise PallmError(f"prompt contains an audio special token ({', '.join(family.audio_tokens)}): {p[:80]!r}")
 
-    texts = [processor.apply_chat_template(family.messages(p, system), tokenize=False, add_generation_prompt=True) for p in prompts]
-    wavs = prepare_audio(processor, audios, max_audio_seconds)
+    clips = [tuple(a) if isinstance(a, (tuple, list)) else (a,) for a in audios]
+    texts = [processor.apply_chat_template(family.messages(p, system, len(c)), tokenize=False, add_generation_prompt=True)
+             for p, c in zip(prompts, clips)]
+    wavs = prepare_audio(processor, [w for c in clips for w in c], max_audio_seconds)
     enc = processor(text=texts, audio=wavs, sampling_rate=processor.feature_extractor.sampling_rate, padding=False)
 
     ids = [list(r) for r in enc["input_ids"]]
@@ -169,7 +174,7 @@ def banned_token_ids(model, processor) -> list[int]:
 def generate(
     model,
     processor,
-    audios: Sequence[np.ndarray],
+    audios: Sequence[np.ndarray | tuple[np.ndarray, ...]],
     prompts: Sequence[str],
     *,
     system: str | None = None,
@@ -196,6 +201,13 @@ def generate(
         raise PallmError(f"temperature must be > 0 when sampling, got {temperature}.")
     if num_return_sequences > 1 and not do_sample:
         raise PallmError("num_return_sequences > 1 needs do_sample=True (greedy decoding gives identical copies).")
+    if num_return_sequences > 1 and any(isinstance(a, (tuple, list)) for a in audios):
+        # transformers repeats every input tensor row-wise, which would pair a row's copies with the
+        # wrong clips when rows hold several clips; repeat the rows themselves instead (same order).
+        n = num_return_sequences
+        audios = [a for a in audios for _ in range(n)]
+        prompts = [p for p in prompts for _ in range(n)]
+        num_return_sequences = 1
     batch = encode_batch(processor, audios, prompts, system=system, max_audio_seconds=max_audio_seconds, padding_side="left")
     batch = batch.to(model.device)
 

@@ -75,12 +75,13 @@ HOP_LENGTH = 160
 POSITIONS_PER_SECOND = SAMPLE_RATE // HOP_LENGTH // 2
 
 
-def qwen_messages(prompt: str, system: str | None = None) -> list[dict[str, Any]]:
-    """One user turn: the clip first, then the instruction (the layout Qwen2-Audio was tuned on)."""
+def qwen_messages(prompt: str, system: str | None = None, n_audio: int = 1) -> list[dict[str, Any]]:
+    """One user turn: the clip(s) first, then the instruction (the layout Qwen2-Audio was tuned on;
+    its template numbers them "Audio 1:", "Audio 2:", as in its multi-audio chats)."""
     msgs: list[dict[str, Any]] = []
     if system is not None:
         msgs.append({"role": "system", "content": system})
-    msgs.append({"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]})
+    msgs.append({"role": "user", "content": [*([{"type": "audio"}] * n_audio), {"type": "text", "text": prompt}]})
     return msgs
 
 
@@ -91,7 +92,7 @@ class Family:
     model_cls: type
     processor_cls: type | tuple[type, ...]  # processors of this family (the first one is the family's own)
     chat_template: str
-    messages: Callable[[str, str | None], list[dict[str, Any]]]  # (prompt, system) -> chat messages
+    messages: Callable[..., list[dict[str, Any]]]  # (prompt, system, n_audio=1) -> chat messages
     audio_tokens: tuple[str, ...] = (AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS)  # only the processor may place these
     extra_banned_tokens: tuple[str, ...] = ()  # other placeholders a completion must not contain (e.g. image)
     end_of_turn: str = IM_END  # appended to training completions; a stop token for generate

@@ -46,6 +46,12 @@ class PromptConfig(BaseModel):
     target: Literal["sentiment", "emotion"] = "sentiment"
     # Cues the think part mentions (must be cue names the manifest's `cues` use).
     cues: list[str] = ["pitch_level", "pitch_variability", "loudness", "rate"]
+    # Hear a reference clip of the same speaker (the row's `reference_audio`) before the clip: the
+    # cue bins are relative to the speaker's usual voice, which one clip alone does not show.
+    speaker_reference: bool = False
+
+
+REFERENCE_NOTE = "The first recording is the same speaker in their usual voice, for reference; the second is the one to judge.\n"
 
 
 def label_set(cfg: PromptConfig, emotions: list[str] | None = None) -> list[str]:
@@ -59,6 +65,8 @@ def label_set(cfg: PromptConfig, emotions: list[str] | None = None) -> list[str]
 def build_prompt(task: str, row: Row, cfg: PromptConfig, labels: list[str] | None = None) -> str:
     """The user turn (the audio goes before it, placed by the model's chat template)."""
     said = f'The speaker says: "{row.transcript}"\n' if cfg.transcript and row.transcript else ""
+    if cfg.speaker_reference:
+        said = REFERENCE_NOTE + said
     if task == "classify":
         labels = labels or list(SENTIMENTS)
         what = "sentiment" if cfg.target == "sentiment" else "emotion"

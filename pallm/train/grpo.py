@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pallm.data.manifest import Row, manifest_path, read_manifest
 from pallm.errors import ConfigError, PallmError
+from pallm.evaluate.predict import model_audio
 from pallm.model import encode_batch, load_pretrained
 from pallm.model.batch import pad_token_id
 from pallm.model.families import family_of
@@ -615,7 +616,8 @@ def train_grpo(
     if backend is None and cfg.use_vllm:
         from pallm.train.rollout_vllm import VLLMBackend
 
-        backend = VLLMBackend.for_grpo(cfg, init_name, policy, processor, accelerator, seed * 1009 + rank)
+        backend = VLLMBackend.for_grpo(cfg, init_name, policy, processor, accelerator, seed * 1009 + rank,
+                                       audios_per_prompt=2 if prompt_cfg.speaker_reference else 1)
     rollout = backend or HFBackend(policy, processor)
     rollout.sync_weights(policy)
     stop_ids, pad_id = stop_token_ids(processor), pad_token_id(processor.tokenizer)
@@ -651,14 +653,14 @@ def train_grpo(
 
     def prompt_tensors(examples: list[Example]) -> dict[str, torch.Tensor]:
         """Prompt inputs, once per prompt (the scorer shares them across the group)."""
-        enc = encode_batch(processor, [cache.get(e.row) for e in examples], [e.prompt for e in examples], padding_side="left")
+        enc = encode_batch(processor, [model_audio(e.row, prompt_cfg, cache.get, cache.get) for e in examples], [e.prompt for e in examples], padding_side="left")
         return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"],
                 "input_features": enc["input_features"], "feature_attention_mask": enc["feature_attention_mask"]}
 
     def sample(examples: list[Example]) -> tuple[list[list[int]], list[str], torch.Tensor, float, float]:
         t0 = time.perf_counter()
         with accelerator.autocast():  # sample at the precision the update computes log-probs in
-            ids = rollout.generate([cache.get(e.row) for e in examples], [e.prompt for e in examples], G,
+            ids = rollout.generate([model_audio(e.row, prompt_cfg, cache.get, cache.get) for e in examples], [e.prompt for e in examples], G,
                                    cfg.temperature, cfg.top_p, cfg.max_completion_length)
         ids = cut_at_stop(ids, stop_ids)
         t1 = time.perf_counter()
@@ -853,7 +855,7 @@ def train_grpo(
         if main:
             was_training = policy.training
             preds = predict(policy, processor, dev_rows, "classify", prompt_cfg, labels, batch_size=cfg.eval_batch_size,
-                            max_new_tokens=cfg.max_completion_length, audio_fn=cache.get)
+                            max_new_tokens=cfg.max_completion_length, audio_fn=cache.get, reference_fn=cache.get)
             policy.train(was_training)
             rec = dev_record(at, classification_metrics(preds, dev_rows, labels))
             dev_curve.append(rec)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pallm.data.manifest import Row, manifest_path, read_manifest
 from pallm.errors import PallmError
+from pallm.evaluate.predict import model_audio
 from pallm.model import IGNORE_INDEX, ModelSpec, build_tiny, encode_batch, load_pretrained
 from pallm.model.build import PALLM_META_FILE
 from pallm.prompts.format import PromptConfig, label_set
@@ -267,7 +268,7 @@ def train_sft(
         if main:
             net = accelerator.unwrap_model(model)
             preds = predict(net, processor, dev_rows, "classify", prompt_cfg, labels, batch_size=cfg.eval_batch_size,
-                            max_new_tokens=cfg.eval_max_new_tokens, audio_fn=cache.get)
+                            max_new_tokens=cfg.eval_max_new_tokens, audio_fn=cache.get, reference_fn=cache.get)
             rec = dev_record(at, classification_metrics(preds, dev_rows, labels))
             dev_curve.append(rec)
             logger.log(at, {k: v for k, v in rec.items() if k != "step"}, kind="dev")
@@ -287,7 +288,7 @@ def train_sft(
                     chunk = stream.take(consumed, g)
                     consumed += g
                     local = chunk[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-                    batch = encode_batch(processor, [cache.get(e.row) for e in local], [e.prompt for e in local],
+                    batch = encode_batch(processor, [model_audio(e.row, prompt_cfg, cache.get, cache.get) for e in local], [e.prompt for e in local],
                                          [e.target for e in local])
                     targets = batch.pop("labels").to(device)
                     batch = batch.to(device)
