@@ -19,6 +19,7 @@ from pallm.acoustics import (
     extract_functionals,
     level,
     measure_cues,
+    speaker_references,
     zscores,
 )
 from pallm.data.audio import SAMPLE_RATE, write_audio
@@ -254,6 +255,48 @@ def test_corrupt_audio_names_the_file_and_keeps_finished_work(tmp_path, count_ca
     count_calls.clear()
     extract_functionals(rows, cache, num_workers=1)  # the good batch was saved before the error
     assert count_calls == []
+
+
+# ---------------------------------------------------------------- speaker references
+
+
+def test_reference_is_the_speakers_most_typical_other_clip(measured):
+    """Each speaker's reference is one of their plain utterances (never a manipulated variant),
+    never the row itself, and shared by the speaker's other rows."""
+    for spk in SPEAKERS:
+        rows = [r for r in measured.values() if r.speaker == spk]
+        refs = {r.id: r.reference_audio for r in rows}
+        by_audio = {r.audio: r for r in rows}
+        assert all(a in by_audio for a in refs.values())  # same speaker
+        assert all(by_audio[a].id != i for i, a in refs.items())  # not itself
+        assert all("_normal" in by_audio[a].id for a in refs.values()), refs
+        assert len(set(refs.values())) == 2  # the reference clip itself hears the runner-up
+
+
+def test_reference_ranking_prefers_small_z_then_more_cues_then_id():
+    def row(i, z):
+        return Row(id=i, audio=f"{i}.wav", corpus="c", speaker="s", split="train", cue_z=z)
+
+    rows = [row("a", {"pitch_level": 2.0, "loudness": 0.0}), row("b", {"pitch_level": 0.1, "loudness": -0.1}),
+            row("c", {"pitch_level": 0.0}), row("d", {"pitch_level": 0.1, "loudness": 0.1})]
+    refs = speaker_references(rows)
+    assert refs["a"].id == "b" and refs["c"].id == "b" and refs["b"].id == "d"  # fewer cues rank after
+    lone = Row(id="z", audio="z.wav", corpus="c", speaker="solo", split="test")
+    assert speaker_references([lone])["z"].id == "z"  # a single clip is its own reference
+
+
+def test_references_are_written_relative_and_a_users_own_is_kept(corpus, tmp_path):
+    folder = _copy_corpus(corpus, tmp_path)
+    lines = [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines()]
+    lines[0]["reference_audio"] = "my_enrolment.wav"
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    annotate_corpus(folder)
+    out = [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert out[0]["reference_audio"] == "my_enrolment.wav"
+    assert all(not os.path.isabs(r["reference_audio"]) and (folder / r["reference_audio"]).exists() for r in out[1:])
+    rows = read_manifest(folder)  # resolved like `audio` on reading
+    assert rows[0].reference_audio == str((folder / "my_enrolment.wav").resolve())
+    assert all(os.path.isabs(r.reference_audio) for r in rows)
 
 
 # ---------------------------------------------------------------- annotate_corpus

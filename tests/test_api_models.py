@@ -134,6 +134,10 @@ def test_request_carries_base64_wav_then_prompt_and_parses_like_local_models(ser
     assert p.format_ok and p.cue_claims == {"pitch_level": "low", "loudness": "low"}
     # the same metrics apply
     assert classification_metrics(preds, rows[:1], LABELS)["subsets"]["all"]["parse_rate"] == 1.0
+    # A run whose own model hears a speaker reference still asks the API about the clip alone.
+    m.predict(rows[1:2], "classify", CFG.model_copy(update={"speaker_reference": True}), LABELS)
+    (_, text_part) = server.seen[-1]["body"]["messages"][0]["content"]
+    assert text_part["text"] == build_prompt("classify", rows[1], CFG, LABELS)
 
 
 def test_respond_task_and_system_message(server, rows, tmp_path):

@@ -182,6 +182,34 @@ def test_folder_with_a_bad_file_answers_the_rest_then_fails(ckpt, tmp_path, spy)
     assert "1 of 2 clips could not be read" in r.output and "broken.wav" in r.output
 
 
+def test_a_reference_model_needs_reference_and_hears_it_before_every_window(ckpt, tmp_path, monkeypatch):
+    ref_cfg = PromptConfig(speaker_reference=True)
+    meta = json.loads((ckpt / "pallm.json").read_text())
+    meta["task_format"] = ref_cfg.model_dump()
+    model_dir = tmp_path / "ref_ckpt"
+    import shutil
+
+    shutil.copytree(ckpt, model_dir)
+    (model_dir / "pallm.json").write_text(json.dumps(meta))
+    clip, ref = tone(tmp_path / "long.wav", 9.0), tone(tmp_path / "me.wav", 1.0, amp=lambda t: 0.1 + 0 * t)
+    r = run("--model", model_dir, clip, "--task", "classify")
+    assert r.exit_code == 2 and "--reference" in r.output and "Traceback" not in r.output
+    seen = []
+
+    def fake(model, processor, audios, prompts, **kw):
+        seen.extend(zip(audios, prompts))
+        return [NEG] * len(prompts)
+
+    monkeypatch.setattr(pallm.model, "generate", fake)
+    r = run("--model", model_dir, clip, "--task", "classify", "--reference", ref, "--json")
+    assert r.exit_code == 0, r.output
+    assert len(seen) == 3  # a 9 s clip in the 4 s window: three windows, each after the reference
+    for (reference, window), prompt in seen:
+        assert len(reference) == 16_000 and np.allclose(np.abs(reference).max(), 0.1, atol=1e-3)
+        assert np.allclose(np.abs(window).max(), 0.3, atol=1e-3)
+        assert prompt.startswith("The first recording is the same speaker")
+
+
 def test_help():
     r = runner.invoke(app, ["chat", "--help"])
     assert r.exit_code == 0 and "--transcript" in r.output and "--task" in r.output

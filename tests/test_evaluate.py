@@ -16,6 +16,7 @@ from pallm.data.audio import load_audio
 from pallm.data.manifest import Row, read_manifest
 from pallm.data.parasynth import SynthConfig, synthesize
 from pallm.data.parasynth.generate import plan_corpus
+from pallm.errors import PallmError
 from pallm.evaluate import (
     UNPARSED,
     Prediction,
@@ -343,6 +344,37 @@ def test_probes_tell_a_listener_from_a_reader(probe_rows, monkeypatch):
     assert rea["same_words"]["unchanged"] == 1.0 and rea["same_words"]["follows_partner_voice"] == pytest.approx(chance)
     assert chance < 1.0
     assert rea["follows_words"]["rate"] == 1.0
+
+
+def test_a_reference_model_hears_its_speakers_reference_and_probes_replace_only_the_clip(probe_rows, monkeypatch):
+    """With prompt.speaker_reference every request is (reference, clip): the reference is always the
+    row's own speaker's, also when a probe swaps the clip for silence or another voice."""
+    first = {}
+    for r in probe_rows:
+        first.setdefault(r.speaker, r.audio)
+    rows = [r.model_copy(update={"reference_audio": first[r.speaker]}) for r in probe_rows]
+    refs = {_key(load_audio(a)): spk for spk, a in first.items()}
+    by_prompt = {}  # the same sentence may come from several speakers
+    cfg = PromptConfig(speaker_reference=True)
+    for r in rows:
+        by_prompt.setdefault(build_prompt("classify", r, cfg, LABELS), set()).add(r.speaker)
+    assert min(len(v) for v in by_prompt.values()) == 1
+    listener = _fake("listener", rows)
+    heard = []
+
+    def generate(model, processor, audios, prompts, **kw):
+        assert all(isinstance(a, tuple) and len(a) == 2 for a in audios)
+        assert all(refs.get(_key(a[0])) in by_prompt[p] for a, p in zip(audios, prompts))
+        heard.extend(prompts)
+        return listener(model, processor, [a[1] for a in audios], prompts, **kw)
+
+    monkeypatch.setattr(predict_mod, "generate", generate)
+    lis = shortcut_probes(None, None, rows, cfg, batch_size=8)
+    assert lis["real"]["ua"] == 1.0 and lis["silence"]["voice_dependence"] == 1.0
+    assert lis["same_words"]["follows_partner_voice"] == 1.0
+    assert heard[0].startswith("The first recording is the same speaker in their usual voice")
+    with pytest.raises(PallmError, match="reference_audio.*pallm data cues"):
+        predict(None, None, list(probe_rows[:2]), "classify", cfg)
 
 
 def test_probes_run_on_tiny_model(corpus, probe_rows):

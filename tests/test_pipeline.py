@@ -74,7 +74,8 @@ def test_text_only_corpus_keeps_everything_but_the_voice(tmp_path):
         sf.write(src / f"c{i}.wav", 0.3 * np.ones((16_000 * (i + 2), 2), dtype=np.float32), 16_000)
         r = Row(id=f"r{i}", audio=f"c{i}.wav", corpus="t", speaker="s", split="train" if i else "test",
                 sentiment="negative", emotion="sad", transcript=f"words {i}", lexical_sentiment="positive",
-                congruent=False, duration=float(i + 2), response="oh no", cues={"pitch_level": "low"})
+                congruent=False, duration=float(i + 2), response="oh no", cues={"pitch_level": "low"},
+                reference_audio="c0.wav")
         if ch is not None:
             r = r.model_copy(update={"channel": ch})
         rows.append(r)
@@ -84,11 +85,12 @@ def test_text_only_corpus_keeps_everything_but_the_voice(tmp_path):
     assert [r.id for r in silent] == ["r0", "r1"]
     for before, after in zip(rows, silent):
         assert after.audio == str((out / "silence.wav").resolve()) and after.duration == TEXT_ONLY_SILENCE_S
+        assert after.reference_audio == after.audio  # the speaker reference is silent too
         assert getattr(after, "channel", None) is None
         same = before.to_json()
-        for k in ("audio", "duration", "channel"):
+        for k in ("audio", "duration", "channel", "reference_audio"):
             same.pop(k, None)
-        assert {k: v for k, v in after.to_json().items() if k not in ("audio", "duration")} == same
+        assert {k: v for k, v in after.to_json().items() if k not in ("audio", "duration", "reference_audio")} == same
     wav, sr = sf.read(out / "silence.wav")
     assert sr == 16_000 and len(wav) == int(TEXT_ONLY_SILENCE_S * 16_000) and not wav.any()
     text_only_corpus(src, tmp_path / "silent")  # idempotent: re-running a run rewrites the same thing

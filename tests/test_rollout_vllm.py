@@ -141,6 +141,11 @@ def test_requests_one_placeholder_rate_and_system(tiny):
         build_requests(processor, audios[:1], ["sneaky <|AUDIO|>"])
     with pytest.raises(PallmError, match="match one to one"):
         build_requests(processor, audios[:2], prompts[:1])
+    # (speaker reference, clip): two placeholders, two clips in that order
+    (pair,) = build_requests(processor, [(audios[1], audios[2])], prompts[:1])
+    assert pair["prompt"].count("<|AUDIO|>") == 2 and "Audio 1:" in pair["prompt"] and "Audio 2:" in pair["prompt"]
+    assert [len(w) for w, _ in pair["multi_modal_data"]["audio"]] == [SR, 2 * SR]
+    assert engine_kwargs("m", audios_per_prompt=2)["limit_mm_per_prompt"] == {"audio": 2}
 
 
 def test_request_text_is_what_the_scorer_encodes(tiny):

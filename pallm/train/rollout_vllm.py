@@ -98,6 +98,110 @@ def build_requests(processor, audios: Sequence[np.ndarray | tuple[np.ndarray, ..
     return out
 
 
+def sampling_kwargs(num_generations: int, temperature: float, top_p: float, max_new_tokens: int,
+                    stop_ids: Sequence[int], banned_ids: Sequence[int]) -> dict[str, Any]:
+    """Keyword arguments of `vllm.SamplingParams`: exactly the policy (G samples at `temperature`,
+    nucleus `top_p`, nothing else), the stop ids, and the banned ids pushed to -100."""
+    if temperature <= 0:
+        raise PallmError(f"temperature must be > 0 for GRPO sampling, got {temperature}.")
+    return {
+        "n": int(num_generations),
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "top_k": -1,  # off (vLLM >= 0.9 prefers 0 but accepts -1; older versions need -1)
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "max_tokens": int(max_new_tokens),
+        "stop_token_ids": [int(t) for t in stop_ids],
+        "logit_bias": {int(t): BANNED_LOGIT_BIAS for t in banned_ids},
+        "detokenize": False,  # the trainer decodes the ids itself
+    }
+
+
+def outputs_to_ids(outputs: Sequence[Any], num_generations: int, stop: Sequence[int]) -> list[list[int]]:
+    """vLLM `RequestOutput`s (one per prompt, in prompt order) -> `len(outputs) * G` rows of ids
+    grouped per prompt ([p0s0 .. p0s(G-1), p1s0 ..]), each cut after its first stop token."""
+    rows: list[list[int]] = []
+    for i, out in enumerate(outputs):
+        comps = sorted(out.outputs, key=lambda c: getattr(c, "index", 0))
+        if len(comps) != num_generations:
+            raise PallmError(f"vLLM returned {len(comps)} completions for prompt {i}, expected {num_generations} (n).")
+        for c in comps:
+            ids = [int(t) for t in c.token_ids]
+            reason = getattr(c, "stop_reason", None)
+            # vLLM keeps the stop token in token_ids; restore it if a version ever drops it, since
+            # the model must be trained to emit it.
+            if (getattr(c, "finish_reason", None) == "stop" and isinstance(reason, int) and reason in stop
+                    and (not ids or ids[-1] != reason)):
+                ids.append(reason)
+            rows.append(ids)
+    return cut_at_stop(rows, stop)
+
+
+def checkpoint_name(name: str) -> str:
+    """A Qwen2-Audio parameter name of the live (transformers 5) model -> its name in the saved
+    checkpoint, by fixed prefixes (the fallback of `checkpoint_names`)."""
+    for new, old in CHECKPOINT_PREFIXES:
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
+def checkpoint_names(model, names: Sequence[str]) -> dict[str, str]:
+    """Live parameter names -> the names `save_pretrained` writes (the layout vLLM loads), by
+    transformers' own save-time renaming (`revert_weight_conversion`, transformers 5) run on empty
+    stand-in tensors; the fixed Qwen2-Audio prefixes when that is unavailable or not a renaming."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        revert_weight_conversion = None
+    if revert_weight_conversion is not None:
+        probe = {n: torch.empty(0) for n in names}
+        try:
+            out = revert_weight_conversion(model, dict(probe))
+        except Exception:  # noqa: BLE001 - any failure: use the fallback
+            out = None
+        by_id = {id(t): n for n, t in probe.items()}
+        if out is not None and len(out) == len(probe) and all(id(t) in by_id for t in out.values()):
+            return {by_id[id(t)]: new for new, t in out.items()}
+    return {n: checkpoint_name(n) for n in names}
+
+
+def _lora_delta(module) -> torch.Tensor | None:
+    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+        return None  # already in the base weight / adapters off
+    deltas = [module.get_delta_weight(a) for a in module.active_adapters if a in getattr(module, "lora_A", {})]
+    return sum(deltas) if deltas else None
+
+
+def iter_vllm_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, tensor) for every parameter, LoRA merged in on the fly. PEFT names lose
+    `base_model.model.` and `.base_layer`, `lora_*` tensors and `original_module` copies are
+    skipped and `modules_to_save.<adapter>.` is dropped (TRL's `_sync_*_params_to_vllm` does the
+    same renaming); unlike TRL's merge_adapter/unmerge_adapter, the live weights are never changed."""
+    model = getattr(model, "module", model)
+    peft = is_peft(model)
+    modules = dict(model.named_modules()) if peft else {}
+    adapter = getattr(model, "active_adapter", "default") if peft else None
+    params = []  # (live name without PEFT wrapping, PEFT name, parameter)
+    for name, p in model.named_parameters():
+        plain = name
+        if peft:
+            if "lora_" in name or ".original_module." in name:
+                continue
+            plain = (name.removeprefix("base_model.model.").replace(".base_layer", "")
+                     .replace(f".modules_to_save.{adapter}.", "."))
+        params.append((plain, name, p))
+    saved = checkpoint_names(model.get_base_model() if peft else model, [plain for plain, _, _ in params])
+    for plain, name, p in params:  # one tensor at a time: merged LoRA weights are never all in memory
+        t = p.detach()
+        if peft and name.endswith(".base_layer.weight"):
+            delta = _lora_delta(modules[name.rsplit(".base_layer.", 1)[0]])
+            if delta is not None:
+                t = t + delta.to(t.dtype)
+        yield saved[plain], t
+
+
 def engine_kwargs(model_path: str, *, gpu_memory_utilization: float = 0.3, max_model_length: int | None = None,
                   seed: int = 0, audios_per_prompt: int = 1) -> dict[str, Any]:
     """`vllm.LLM(...)` arguments for an engine colocated with one training process (as TRL's
