@@ -57,6 +57,21 @@ def ua(model_dir: Path, corpus: Path) -> dict[str, float]:
     return {k: subsets[k]["ua"] for k in ("all", "congruent", "conflict")}
 
 
+def by_emotion(model_dir: Path, corpus: Path) -> dict[str, float]:
+    """Per voice emotion, the share of test clips answered with that emotion's sentiment. On
+    ParaSynth the hard pair is angry vs happy (both loud and raised): a model that hears arousal but
+    not valence calls angry voices positive."""
+    from pallm.data.manifest import read_manifest
+
+    emotion = {r.id: (r.emotion, r.sentiment) for r in read_manifest(corpus, split="test")}
+    hits: dict[str, list[bool]] = {}
+    for line in (model_dir / "eval-test" / "predictions.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        e, gold = emotion[p["id"]]
+        hits.setdefault(e, []).append(p["label"] == gold)
+    return {e: statistics.fmean(v) for e, v in sorted(hits.items())}
+
+
 def train(kind: str, out: Path, seed: int, extra: list[str], init: Path | None = None) -> None:
     if (out / "train_summary.json").exists():
         return
@@ -103,8 +118,9 @@ def main() -> None:
         for k in rows:
             rows[k].append(ua(d / k, corpus))
             r = rows[k][-1]
-            print(f"seed {seed} {k:12s} UA all {r['all']:.3f}  congruent {r['congruent']:.3f}  conflict {r['conflict']:.3f}",
-                  flush=True)
+            emo = "  ".join(f"{e} {v:.2f}" for e, v in by_emotion(d / k, corpus).items())
+            print(f"seed {seed} {k:12s} UA all {r['all']:.3f}  congruent {r['congruent']:.3f}  conflict {r['conflict']:.3f}"
+                  f"  | recall by voice: {emo}", flush=True)
 
     def mean(k: str, s: str) -> float:
         return statistics.fmean(r[s] for r in rows[k])
