@@ -63,3 +63,19 @@ def test_contradictory_cue_claims_are_marked():
     p = parse_completion("<think>pitch level: low, pitch level: high, loudness: high</think><answer>negative</answer>",
                          "classify")
     assert p.cue_claims == {"pitch_level": "conflict", "loudness": "high"}
+
+
+def test_the_prompt_asks_for_the_configured_cues_and_rejects_unknown_ones():
+    from pydantic import ValidationError
+
+    from pallm.data.manifest import Row
+    from pallm.prompts.format import PromptConfig, build_prompt
+
+    r = Row(id="a", audio="a.wav", corpus="c", speaker="s", split="test", transcript="hi")
+    assert "describe the pitch level, pitch variability, loudness and speaking rate inside" in build_prompt(
+        "classify", r, PromptConfig())
+    assert "describe the loudness and voice quality inside" in build_prompt(
+        "classify", r, PromptConfig(cues=["loudness", "voice_quality"]))
+    for bad in ([], ["pitch"]):
+        with pytest.raises(ValidationError, match="cues must be"):
+            PromptConfig(cues=bad)

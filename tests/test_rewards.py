@@ -135,6 +135,15 @@ def test_cue_grounding(think, expected):
     assert out == [pytest.approx(expected)]
 
 
+def test_cue_grounding_follows_the_prompts_cues_unless_given_its_own():
+    text = ["<think>pitch level: low, voice quality: high.</think><answer>negative</answer>"]
+    asked = [["pitch_level", "voice_quality"]]
+    assert call("cue_grounding", text, cues=[CUES], prompt_cues=asked) == [0.0]  # (1 - 1) / 2
+    assert call("cue_grounding", text, cues=[CUES]) == [0.25]  # default prompt cues: voice quality ignored
+    own = make_cue_grounding(cues=["pitch_level"])
+    assert own([""], text, cues=[CUES], prompt_cues=asked) == [1.0]
+
+
 def test_cue_grounding_unmeasured_and_routing():
     # datasets fills absent dict keys with None: such cues are unmeasured; 2 measured cues remain.
     partial = {"pitch_level": "low", "loudness": "high", "rate": None}

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from pallm.data.manifest import SENTIMENTS, Row
 
@@ -51,6 +51,15 @@ class PromptConfig(BaseModel):
     speaker_reference: bool = False
 
 
+    @field_validator("cues")
+    @classmethod
+    def _known_cues(cls, v: list[str]) -> list[str]:
+        unknown = [c for c in v if c not in CUE_PHRASES]
+        if unknown or not v:
+            raise ValueError(f"cues must be a non-empty list of {', '.join(CUE_PHRASES)}; got {v}")
+        return v
+
+
 REFERENCE_NOTE = "The first recording is the same speaker in their usual voice, for reference; the second is the one to judge.\n"
 
 
@@ -62,6 +71,11 @@ def label_set(cfg: PromptConfig, emotions: list[str] | None = None) -> list[str]
     return sorted(emotions)
 
 
+def _listing(cues: list[str]) -> str:
+    names = [CUE_PHRASES[c] for c in cues]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def build_prompt(task: str, row: Row, cfg: PromptConfig, labels: list[str] | None = None) -> str:
     """The user turn (the audio goes before it, placed by the model's chat template)."""
     said = f'The speaker says: "{row.transcript}"\n' if cfg.transcript and row.transcript else ""
@@ -70,8 +84,7 @@ def build_prompt(task: str, row: Row, cfg: PromptConfig, labels: list[str] | Non
     if task == "classify":
         labels = labels or list(SENTIMENTS)
         what = "sentiment" if cfg.target == "sentiment" else "emotion"
-        think = ("First describe the pitch level, pitch variability, loudness and speaking rate "
-                 "inside <think></think>, then give ") if cfg.cot else "Give "
+        think = f"First describe the {_listing(cfg.cues)} inside <think></think>, then give " if cfg.cot else "Give "
         return (f"{said}Listen to how it is said. {think}the speaker's {what} inside <answer></answer>: "
                 f"{', '.join(labels)}.")
     if task == "respond":

@@ -222,7 +222,8 @@ def make_cue_grounding(
     edge_margin: float = 0.1,
     edge_credit: float = 0.5,
 ) -> RewardFn:
-    """(right - wrong) / available over the cues in `cues` (default: the prompt's cues) that the
+    """(right - wrong) / available over the cues in `cues` (default: the prompt's cues, row field
+    `prompt_cues` as the trainer passes it, else `PromptConfig().cues`) that the
     clip has a measured bin for. A conflicting claim is wrong; claims of unmeasured cues are
     ignored; claiming nothing scores 0. An off-by-one claim whose z (row `cue_z`) lies within
     `edge_margin` of the bin edge counts `edge_credit` right instead of wrong: the bin there is
@@ -233,11 +234,12 @@ def make_cue_grounding(
     def cue_grounding(prompts: list, completions: list, **kwargs) -> list[float | None]:
         n = len(completions)
         rows = zip(map(completion_text, completions), column(kwargs, "cues", n), column(kwargs, "cue_z", n),
-                   column(kwargs, "cot", n, True))
+                   column(kwargs, "cot", n, True), column(kwargs, "prompt_cues", n, cue_set))
         out: list[float | None] = []
-        for text, measured, zs, cot in rows:
+        for text, measured, zs, cot, asked in rows:
+            asked = cue_set if cues is not None else asked  # an explicit `cues` wins
             # datasets fills a dict column's missing keys with None: None means "not measured".
-            measured = {c: v for c, v in (measured or {}).items() if c in cue_set and v in CUE_LEVELS}
+            measured = {c: v for c, v in (measured or {}).items() if c in asked and v in CUE_LEVELS}
             zs = zs or {}
             if not measured or not cot:
                 out.append(None)

@@ -467,7 +467,7 @@ def reward_kwargs(examples: Sequence[Example], G: int, prompt_cfg: PromptConfig,
         kw[f] = [getattr(e.row, f, None) for e in examples for _ in range(G)]
     n = len(examples) * G
     kw.update(labels=[list(labels)] * n, target=[prompt_cfg.target] * n, cot=[prompt_cfg.cot] * n,
-              transcript_in_prompt=[prompt_cfg.transcript] * n)
+              transcript_in_prompt=[prompt_cfg.transcript] * n, prompt_cues=[list(prompt_cfg.cues)] * n)
     return kw
 
 
