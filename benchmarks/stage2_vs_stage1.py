@@ -57,13 +57,17 @@ def ua(model_dir: Path, corpus: Path) -> dict[str, float]:
     return {k: subsets[k]["ua"] for k in ("all", "congruent", "conflict")}
 
 
-def by_emotion(model_dir: Path, corpus: Path) -> dict[str, float]:
-    """Per voice emotion, the share of test clips answered with that emotion's sentiment. On
-    ParaSynth the hard pair is angry vs happy (both loud and raised): a model that hears arousal but
-    not valence calls angry voices positive."""
+def test_voices(corpus: Path) -> dict[str, tuple[str, str]]:
+    """Test row id -> (voice emotion, its sentiment)."""
     from pallm.data.manifest import read_manifest
 
-    emotion = {r.id: (r.emotion, r.sentiment) for r in read_manifest(corpus, split="test")}
+    return {r.id: (r.emotion, r.sentiment) for r in read_manifest(corpus, split="test")}
+
+
+def by_emotion(model_dir: Path, emotion: dict[str, tuple[str, str]]) -> dict[str, float]:
+    """Per voice emotion (`test_voices`), the share of test clips answered with that emotion's
+    sentiment. On ParaSynth the hard pair is angry vs happy (both loud and raised): a model that
+    hears arousal but not valence calls angry voices positive."""
     hits: dict[str, list[bool]] = {}
     for line in (model_dir / "eval-test" / "predictions.jsonl").read_text().splitlines():
         p = json.loads(line)
@@ -102,6 +106,7 @@ def main() -> None:
     a.sft_steps = a.sft_steps or defaults.sft.steps
     a.grpo_steps = a.grpo_steps or defaults.grpo.steps
     corpus = corpus_path(defaults)
+    voices = test_voices(corpus)
     kinds = ("sft", "sft_long", "grpo") if a.skip_single else ("sft", "sft_long", "grpo", "grpo_single")
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     for seed in a.seeds:
@@ -118,7 +123,7 @@ def main() -> None:
         for k in rows:
             rows[k].append(ua(d / k, corpus))
             r = rows[k][-1]
-            emo = "  ".join(f"{e} {v:.2f}" for e, v in by_emotion(d / k, corpus).items())
+            emo = "  ".join(f"{e} {v:.2f}" for e, v in by_emotion(d / k, voices).items())
             print(f"seed {seed} {k:12s} UA all {r['all']:.3f}  congruent {r['congruent']:.3f}  conflict {r['conflict']:.3f}"
                   f"  | recall by voice: {emo}", flush=True)
 

@@ -149,6 +149,12 @@ def measure_cues(
     return [r if r.reference_audio else r.model_copy(update={"reference_audio": refs[r.id].audio}) for r in out]
 
 
+def _typicality(r: Row) -> tuple[int, float, str]:
+    """Sort key, most typical first: more measured cues, then smaller mean squared z, then id."""
+    z = [v for v in (getattr(r, "cue_z", None) or {}).values() if v is not None]
+    return (-len(z), float(np.mean(np.square(z))) if z else np.inf, r.id)
+
+
 def speaker_references(rows: Sequence[Row]) -> dict[str, Row]:
     """Row id -> the clip that shows its speaker's usual voice: the speaker's most typical *other*
     utterance, the one whose cues sit closest to the speaker's own mean (smallest mean squared
@@ -164,11 +170,7 @@ def speaker_references(rows: Sequence[Row]) -> dict[str, Row]:
         by_speaker.setdefault((r.corpus, r.speaker), []).append(r)
     out: dict[str, Row] = {}
     for clips in by_speaker.values():
-        def typicality(r: Row) -> tuple[int, float, str]:
-            z = [v for v in (getattr(r, "cue_z", None) or {}).values() if v is not None]
-            return (-len(z), float(np.mean(np.square(z))) if z else np.inf, r.id)
-
-        ranked = sorted(clips, key=typicality)
+        ranked = sorted(clips, key=_typicality)
         for r in clips:
             out[r.id] = ranked[1] if (ranked[0].id == r.id and len(ranked) > 1) else ranked[0]
     return out

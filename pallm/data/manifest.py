@@ -99,10 +99,10 @@ def read_manifest(
                 )
             seen[row.id] = lineno
             if resolve_audio:
-                if not os.path.isabs(row.audio):
-                    row.audio = str((p.parent / row.audio).resolve())
-                if row.reference_audio and not os.path.isabs(row.reference_audio):
-                    row.reference_audio = str((p.parent / row.reference_audio).resolve())
+                for key in ("audio", "reference_audio"):  # paths relative to the manifest's folder
+                    path = getattr(row, key)
+                    if path and not os.path.isabs(path):
+                        setattr(row, key, str((p.parent / path).resolve()))
             if split is None or row.split == split:
                 rows.append(row)
     if split is not None and not rows:

@@ -62,6 +62,11 @@ def prepare_audio(processor, audios: Sequence[np.ndarray], max_audio_seconds: fl
     return out
 
 
+def clips_of(entry: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """One entry of `audios`: a clip, or a tuple/list of clips heard in order (speaker reference, clip)."""
+    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
 def pad_token_id(tok) -> int:
     # Qwen2 tokenizers pad with <|endoftext|>; fall back to it if a checkpoint left pad unset.
     return tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids(ENDOFTEXT)
@@ -109,7 +114,7 @@ def encode_batch(
         if any(t in p for t in family.audio_tokens):
             raise PallmError(f"prompt contains an audio special token ({', '.join(family.audio_tokens)}): {p[:80]!r}")
 
-    clips = [tuple(a) if isinstance(a, (tuple, list)) else (a,) for a in audios]
+    clips = [clips_of(a) for a in audios]
     texts = [processor.apply_chat_template(family.messages(p, system, len(c)), tokenize=False, add_generation_prompt=True)
              for p, c in zip(prompts, clips)]
     wavs = prepare_audio(processor, [w for c in clips for w in c], max_audio_seconds)
@@ -201,7 +206,7 @@ def generate(
         raise PallmError(f"temperature must be > 0 when sampling, got {temperature}.")
     if num_return_sequences > 1 and not do_sample:
         raise PallmError("num_return_sequences > 1 needs do_sample=True (greedy decoding gives identical copies).")
-    if num_return_sequences > 1 and any(isinstance(a, (tuple, list)) for a in audios):
+    if num_return_sequences > 1 and any(len(clips_of(a)) > 1 for a in audios):
         # transformers repeats every input tensor row-wise, which would pair a row's copies with the
         # wrong clips when rows hold several clips; repeat the rows themselves instead (same order).
         n = num_return_sequences

@@ -50,7 +50,6 @@ class PromptConfig(BaseModel):
     # cue bins are relative to the speaker's usual voice, which one clip alone does not show.
     speaker_reference: bool = False
 
-
     @field_validator("cues")
     @classmethod
     def _known_cues(cls, v: list[str]) -> list[str]:

@@ -651,16 +651,20 @@ def train_grpo(
     def unwrapped_scorer() -> PolicyScorer:
         return accelerator.unwrap_model(scorer)
 
+    def heard(examples: list[Example]) -> list:
+        """What the model hears for each prompt (its clip, or speaker reference + clip), decoded once."""
+        return [model_audio(e.row, prompt_cfg, cache.get, cache.get) for e in examples]
+
     def prompt_tensors(examples: list[Example]) -> dict[str, torch.Tensor]:
         """Prompt inputs, once per prompt (the scorer shares them across the group)."""
-        enc = encode_batch(processor, [model_audio(e.row, prompt_cfg, cache.get, cache.get) for e in examples], [e.prompt for e in examples], padding_side="left")
+        enc = encode_batch(processor, heard(examples), [e.prompt for e in examples], padding_side="left")
         return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"],
                 "input_features": enc["input_features"], "feature_attention_mask": enc["feature_attention_mask"]}
 
     def sample(examples: list[Example]) -> tuple[list[list[int]], list[str], torch.Tensor, float, float]:
         t0 = time.perf_counter()
         with accelerator.autocast():  # sample at the precision the update computes log-probs in
-            ids = rollout.generate([model_audio(e.row, prompt_cfg, cache.get, cache.get) for e in examples], [e.prompt for e in examples], G,
+            ids = rollout.generate(heard(examples), [e.prompt for e in examples], G,
                                    cfg.temperature, cfg.top_p, cfg.max_completion_length)
         ids = cut_at_stop(ids, stop_ids)
         t1 = time.perf_counter()

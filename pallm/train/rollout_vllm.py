@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from pallm.errors import PallmError
-from pallm.model.batch import banned_token_ids, prepare_audio
+from pallm.model.batch import banned_token_ids, clips_of, prepare_audio
 from pallm.model.families import family_of
 from pallm.train.common import is_peft
 from pallm.train.rollout import cut_at_stop, stop_token_ids
@@ -91,8 +91,7 @@ def build_requests(processor, audios: Sequence[np.ndarray | tuple[np.ndarray, ..
     sr = int(processor.feature_extractor.sampling_rate)
     out = []
     for a, p in zip(audios, prompts):
-        clips = list(a) if isinstance(a, (tuple, list)) else [a]
-        wavs = prepare_audio(processor, clips, max_audio_seconds)
+        wavs = prepare_audio(processor, clips_of(a), max_audio_seconds)
         text = processor.apply_chat_template(family.messages(p, system, len(wavs)), tokenize=False, add_generation_prompt=True)
         out.append({"prompt": text, "multi_modal_data": {"audio": [(w, sr) for w in wavs]}})
     return out

@@ -288,8 +288,8 @@ def train_sft(
                     chunk = stream.take(consumed, g)
                     consumed += g
                     local = chunk[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-                    batch = encode_batch(processor, [model_audio(e.row, prompt_cfg, cache.get, cache.get) for e in local], [e.prompt for e in local],
-                                         [e.target for e in local])
+                    audios = [model_audio(e.row, prompt_cfg, cache.get, cache.get) for e in local]
+                    batch = encode_batch(processor, audios, [e.prompt for e in local], [e.target for e in local])
                     targets = batch.pop("labels").to(device)
                     batch = batch.to(device)
                     with accelerator.accumulate(model):
