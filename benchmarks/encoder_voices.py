@@ -1,0 +1,99 @@
+"""Can the tiny audio encoder tell the emotions apart in voices it has never heard? A diagnostic.
+
+    python benchmarks/encoder_voices.py                          # ParaSynth with 40 and 80 speakers
+    python benchmarks/encoder_voices.py --speakers 40,60,80 --seeds 0,1 --steps 1000
+
+No language model, no prompt: the tiny model's audio encoder (the same architecture and init as
+the speech LLM's), mean-pooled over the clip, with a linear head, trained with cross-entropy on the
+voice emotion of ParaSynth's train split and scored (UA) on its test split, whose speakers never
+occur in train. If this fails, no prompt, chain-of-thought or RL recipe on top of it can succeed:
+the model cannot hear the voice of a new speaker. Train and test UA side by side show whether the
+gap is memorised voices (docs/grpo.md, "Too few voices"). Prints numbers; it is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from sklearn.metrics import balanced_accuracy_score
+
+from pallm.cli.stages import _corpus_of, load_run_config
+from pallm.data.audio import load_audio
+from pallm.data.manifest import read_manifest
+from pallm.model.build import ModelSpec, build_tiny
+
+
+def features(processor, corpus, split: str, emotions: list[str]):
+    """Log-mel features (the encoder's input), valid frame counts and emotion ids of one split."""
+    fe = processor.feature_extractor
+    rows = read_manifest(corpus, split=split)
+    clips = [load_audio(r.audio)[: fe.n_samples] for r in rows]
+    f = fe(clips, sampling_rate=fe.sampling_rate, return_attention_mask=True, return_tensors="pt")
+    return f["input_features"], f["attention_mask"].sum(1), torch.tensor([emotions.index(r.emotion) for r in rows])
+
+
+def pooled(encoder, mels: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Mean over the clip's own encoder outputs (4 mel frames each), not over the window's padding."""
+    h = encoder(mels).last_hidden_state
+    n = (frames // 4).clamp(1, h.shape[1])
+    keep = (torch.arange(h.shape[1])[None] < n[:, None]).float()[..., None]
+    return (h * keep).sum(1) / keep.sum(1)
+
+
+def predict(encoder, head, mels, frames) -> np.ndarray:
+    encoder.eval()
+    with torch.no_grad():
+        out = torch.cat([head(pooled(encoder, mels[i : i + 64], frames[i : i + 64])).argmax(1) for i in range(0, len(mels), 64)])
+    encoder.train()
+    return out.numpy()
+
+
+def run(cfg, corpus, seed: int, steps: int, batch: int, lr: float) -> list[tuple[int, float, float]]:
+    emotions = list(cfg.data.synth.emotions)
+    model, processor = build_tiny(["tokenizer text"], ModelSpec(tiny={"seed": seed}))
+    encoder = model.model.audio_tower
+    train = features(processor, corpus, "train", emotions)
+    test = features(processor, corpus, "test", emotions)
+    head = torch.nn.Linear(encoder.config.d_model, len(emotions))
+    opt = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    encoder.train()
+    curve = []
+    for step in range(1, steps + 1):
+        i = torch.randint(0, len(train[2]), (batch,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(head(pooled(encoder, train[0][i], train[1][i])), train[2][i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == steps:
+            seen = torch.randperm(len(train[2]), generator=gen)[:400]  # train UA on a sample: cheaper
+            ua_train = balanced_accuracy_score(train[2][seen], predict(encoder, head, train[0][seen], train[1][seen]))
+            ua_test = balanced_accuracy_score(test[2], predict(encoder, head, test[0], test[1]))
+            curve.append((step, ua_train, ua_test))
+    return curve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--speakers", default="40,80", help="ParaSynth speaker counts (train = n - 8 test - 4 dev)")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    a = ap.parse_args()
+    configs = {n: load_run_config(None, [f"data.synth.speakers={n}"]) for n in (int(s) for s in a.speakers.split(","))}
+    corpora = {n: _corpus_of(cfg) for n, cfg in configs.items()}  # synthesised on first use, then cached
+    print("| speakers | seed | step | UA train voices | UA unseen voices |\n| --- | --- | --- | --- | --- |")
+    for speakers, cfg in configs.items():
+        for seed in (int(s) for s in a.seeds.split(",")):
+            t0 = time.perf_counter()
+            for step, ua_train, ua_test in run(cfg, corpora[speakers], seed, a.steps, a.batch, a.lr):
+                print(f"| {speakers} | {seed} | {step} | {ua_train:.3f} | {ua_test:.3f} |", flush=True)
+            print(f"({speakers} speakers, seed {seed}: {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
