@@ -49,6 +49,9 @@ class DataConfig(BaseModel):
     cache_dir: str = "cache"
     synth: SynthConfig = Field(default_factory=SynthConfig)
     measure_cues: bool = True
+    # What the cue bins are relative to: "speaker" (the speaker's own habit) or "gender" (the
+    # corpus's speakers of the same gender: the norm a listener applies to one clip of a stranger).
+    cue_baseline: Literal["speaker", "gender"] = "speaker"
 
 
 class LLMJudgeConfig(BaseModel):
@@ -217,7 +220,7 @@ def corpus_for(cfg: RunConfig, say: Say, progress_factory, times: dict[str, floa
 
         t0 = time.perf_counter()
         with progress_factory("measuring cues") as cb:
-            annotate_corpus(corpus, num_workers=cfg.data.synth.workers, progress=cb)
+            annotate_corpus(corpus, num_workers=cfg.data.synth.workers, progress=cb, baseline=cfg.data.cue_baseline)
         times["cues"] = time.perf_counter() - t0
     return corpus
 

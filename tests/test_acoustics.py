@@ -157,6 +157,24 @@ def test_corpus_level_z_would_call_high_voice_high(corpus, cache_dir):
     assert level(z.loc["A_normal0", "pitch_level"]) == "low"
 
 
+def test_gender_baseline_judges_a_voice_against_its_gender(corpus, cache_dir, measured):
+    # A (100 Hz) and C (150 Hz) are men, B (220 Hz) a woman; D and the odd clips have no gender.
+    gender = {"A": "male", "C": "male", "B": "female"}
+    rows = [r.model_copy(update={"gender": gender.get(r.speaker)}) for r in read_manifest(corpus)]
+    by_gender = {r.id: r for r in measure_cues(rows, cache_dir, num_workers=1, baseline="gender")}
+    for k in range(N_NORMAL):  # ordinary utterances: a deep man sounds low among men, C high
+        assert by_gender[f"A_normal{k}"].cues["pitch_level"] == "low"
+        assert by_gender[f"C_normal{k}"].cues["pitch_level"] == "high"
+        assert by_gender[f"B_normal{k}"].cues["pitch_level"] == measured[f"B_normal{k}"].cues["pitch_level"] == "mid"
+    for uid, r in by_gender.items():
+        if r.gender is None:  # no gender: the speaker's baseline, as by default
+            assert r.cues == measured[uid].cues and r.cue_z == measured[uid].cue_z
+        # references still come from the speaker's own voice
+        assert r.reference_audio == measured[uid].reference_audio
+    with pytest.raises(ValueError, match="baseline"):
+        measure_cues(rows, cache_dir, num_workers=1, baseline="age")
+
+
 def test_unvoiced_and_too_short_clips_omit_cues(measured):
     noise = measured["X_noise"]
     assert "loudness" in noise.cues and "pitch_level" not in noise.cues and "rate" not in noise.cues

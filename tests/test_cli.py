@@ -25,6 +25,8 @@ def _run(*args):
     (["eval", "--model", "no/such/ckpt", "--data", "x"], "no/such/ckpt"),
     (["data", "prepare", "ravdess", "--root", "no/such/root", "--out", "o"], "no/such/root"),
     (["data", "cues", "no/such/corpus"], "no/such/corpus"),
+    (["data", "cues", "no/such/corpus", "--baseline", "age"], "--baseline age: choose one of speaker, gender"),
+    (["run", "data.cue_baseline=age"], "data.cue_baseline"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     r = _run(*args)

@@ -57,6 +57,7 @@ CUE_MEANING = {
 }
 
 DEFAULT_THRESHOLD = 0.43  # standard-normal terciles
+CUE_BASELINES = ("speaker", "gender")
 MIN_UTTERANCES = 5  # fewer valid values than this for a speaker: use the corpus baseline
 CACHE_DIR = ".pallm_cache"
 CACHE_NAME = "egemaps.parquet"
@@ -128,24 +129,38 @@ def measure_cues(
     *,
     threshold: float = DEFAULT_THRESHOLD,
     min_utterances: int = MIN_UTTERANCES,
+    baseline: str = "speaker",
 ) -> list[Row]:
     """Copies of `rows` with `cues` (cue -> low/mid/high), `cue_z` (cue -> z, 3 decimals) and,
     where a row has none, `reference_audio` (see `speaker_references`).
 
-    Pass every split of a corpus at once: the speaker baselines are computed over `rows`.
+    `baseline` is what a cue is relative to: "speaker" (the speaker's own utterances) or "gender"
+    (all the corpus's speakers of the row's `gender`, the norm a listener who hears one clip of a
+    stranger judges by; rows without `gender` keep their speaker's baseline). References are
+    always chosen by the speaker-relative z.
+
+    Pass every split of a corpus at once: the baselines are computed over `rows`.
     Features are cached in `cache_dir/egemaps.parquet`. Bins are computed from the rounded z so
     `cues` can always be re-derived from `cue_z` with `level`.
     """
+    if baseline not in CUE_BASELINES:
+        raise ValueError(f"cue baseline must be one of {', '.join(CUE_BASELINES)}; got {baseline!r}")
     rows = list(rows)
     feats = extract_functionals(rows, Path(cache_dir) / CACHE_NAME, num_workers, progress)
-    z = zscores(cue_values(feats), [r.speaker for r in rows], [r.corpus for r in rows], min_utterances)
-    out = []
-    for row, zs in zip(rows, z.to_numpy()):
-        # +0.0 turns -0.0 into 0.0, so the manifest never shows "-0.0".
-        cue_z = {c: round(float(v), 3) + 0.0 for c, v in zip(CUE_NAMES, zs) if np.isfinite(v)}
-        cues = {c: level(v, threshold) for c, v in cue_z.items()}
-        out.append(row.model_copy(update={"cues": cues, "cue_z": cue_z}))
-    refs = speaker_references(out)
+    values, corpora = cue_values(feats), [r.corpus for r in rows]
+
+    def annotated(groups: list[str]) -> list[Row]:
+        out = []
+        for row, zs in zip(rows, zscores(values, groups, corpora, min_utterances).to_numpy()):
+            # +0.0 turns -0.0 into 0.0, so the manifest never shows "-0.0".
+            cue_z = {c: round(float(v), 3) + 0.0 for c, v in zip(CUE_NAMES, zs) if np.isfinite(v)}
+            out.append(row.model_copy(update={"cues": {c: level(v, threshold) for c, v in cue_z.items()}, "cue_z": cue_z}))
+        return out
+
+    by_speaker = annotated([r.speaker for r in rows])
+    # "\x1e" keeps a gender group apart from any speaker id
+    out = by_speaker if baseline == "speaker" else annotated([f"\x1egender:{r.gender}" if r.gender else r.speaker for r in rows])
+    refs = speaker_references(by_speaker)
     return [r if r.reference_audio else r.model_copy(update={"reference_audio": refs[r.id].audio}) for r in out]
 
 
@@ -183,6 +198,7 @@ def annotate_corpus(
     *,
     threshold: float = DEFAULT_THRESHOLD,
     min_utterances: int = MIN_UTTERANCES,
+    baseline: str = "speaker",
 ) -> Path:
     """Measure a corpus and rewrite its manifest with `cues`, `cue_z` and (where absent)
     `reference_audio`; returns the manifest path.
@@ -197,7 +213,7 @@ def annotate_corpus(
     cache_dir = folder / CACHE_DIR
     measured = measure_cues(
         read_manifest(manifest), cache_dir, num_workers, progress,
-        threshold=threshold, min_utterances=min_utterances,
+        threshold=threshold, min_utterances=min_utterances, baseline=baseline,
     )
     # Write back the rows as the user wrote them (relative audio paths), plus the cues.
     original = read_manifest(manifest, resolve_audio=False)

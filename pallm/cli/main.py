@@ -77,11 +77,11 @@ def data_synth(
         _measure(out, workers)
 
 
-def _measure(corpus: Path, workers: int) -> None:
+def _measure(corpus: Path, workers: int, baseline: str = "speaker") -> None:
     from pallm.acoustics import annotate_corpus
 
     with progress_bar() as bar:
-        path = annotate_corpus(corpus, num_workers=workers, progress=ProgressCallback(bar, "measuring cues"))
+        path = annotate_corpus(corpus, num_workers=workers, progress=ProgressCallback(bar, "measuring cues"), baseline=baseline)
     console.print(f"cues written to {path}")
 
 
@@ -90,9 +90,15 @@ def _measure(corpus: Path, workers: int) -> None:
 def data_cues(
     corpus: Path = typer.Argument(..., help="corpus folder holding manifest.jsonl"),
     workers: int = typer.Option(2, "--workers"),
+    baseline: str = typer.Option("speaker", "--baseline",
+                                 help="cue bins relative to the speaker's own voice, or to the corpus's speakers of the same gender"),
 ) -> None:
     """Measure eGeMAPS functionals and speaker-relative cue bins; store them as `cues` per row."""
-    _measure(corpus, workers)
+    from pallm.acoustics.cues import CUE_BASELINES
+
+    if baseline not in CUE_BASELINES:
+        raise PallmError(f"--baseline {baseline}: choose one of {', '.join(CUE_BASELINES)}.")
+    _measure(corpus, workers, baseline)
 
 
 @data_app.command("prepare")
