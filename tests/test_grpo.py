@@ -531,6 +531,32 @@ def test_conflict_share_draws_conflict_rows_as_classify_prompts(corpus):
     assert share(0.6) == pytest.approx(0.6 + 0.4 * base, abs=0.04)
 
 
+def test_transcript_dropout_hides_the_words_and_tells_the_rewards(corpus):
+    from pallm.train.examples import ExampleStream
+    from pallm.train.grpo import PromptSampler, reward_kwargs
+
+    rows = [r for r in read_manifest(corpus) if r.split == "train"]
+    cfg = PromptConfig()
+    stream = ExampleStream(rows, {"classify": 0.5, "respond": 0.5}, cfg, list(SENTS), seed=0)
+
+    def draws(p: float, prompt_cfg: PromptConfig = cfg):
+        return PromptSampler(stream, rows, prompt_cfg, list(SENTS), 0.0, seed=0, transcript_dropout=p).draw(1000)
+
+    plain, dropped = draws(0.0), draws(0.3)
+    hidden = [e for e in dropped if not e.transcript]
+    assert all(e.transcript for e in plain)
+    assert len(hidden) / len(dropped) == pytest.approx(0.3, abs=0.04)
+    # same rows and tasks in the same order (the stream is not disturbed); only the prompt changes
+    assert [(e.row.id, e.task) for e in dropped] == [(e.row.id, e.task) for e in plain]
+    for e in hidden:
+        assert e.row.transcript not in e.prompt
+        assert e.prompt == build_prompt(e.task, e.row, cfg.model_copy(update={"transcript": False}), list(SENTS))
+    kw = reward_kwargs(dropped[:50], 2, cfg, list(SENTS))  # affect_grounding checks the words claim only if shown
+    assert kw["transcript_in_prompt"] == [e.transcript for e in dropped[:50] for _ in range(2)]
+    # a prompt without transcripts has nothing to drop
+    assert all(e.transcript for e in draws(0.5, cfg.model_copy(update={"transcript": False})))
+
+
 def test_gradient_checkpointing_same_updates(tiny, corpus, tmp_path):
     """Gradient checkpointing (train mode, dropout zeroed) trains exactly like the default eval-mode
     path: same logged losses and the same weights after the steps, with a dev evaluation in between

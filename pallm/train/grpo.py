@@ -125,6 +125,10 @@ class GRPOConfig(BaseModel):
     # Stage 1 data is mostly congruent, so words predict the label there: conflict prompts are
     # where the accuracy reward punishes the lexical shortcut.
     conflict_share: float = Field(0.25, ge=0.0, lt=1.0)
+    # Share of prompts shown without their transcript (modality dropout; only when prompt.transcript
+    # is on). There the reward can only be earned by hearing the voice, and a model that follows the
+    # words confidently is unsure without them, so its groups have reward variance to learn from.
+    transcript_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # Stage-1 loss mixed into every update (InstructGPT's "PPO-ptx", OpenRLHF's ptx_coef): the
     # negative log-likelihood of the stage-1 targets of `ptx_batch_size` train examples per process,
     # times ptx_coef, added to each optimizer step. Keeps what continued SFT would still gain while
@@ -173,7 +177,7 @@ _RESUME_KEYS = ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
                 "num_generations", "gradient_accumulation_steps", "temperature", "top_p", "max_completion_length", "beta",
                 "epsilon", "epsilon_high", "loss_type", "scale_rewards", "num_iterations", "reward_funcs", "reward_weights",
                 "multi_objective_aggregation", "task_weights", "dynamic_sampling", "dynamic_sampling_max_tries",
-                "oversample_hard", "conflict_share", "mixed_precision", "lora", "freeze_audio_encoder", "ptx_coef",
+                "oversample_hard", "conflict_share", "transcript_dropout", "mixed_precision", "lora", "freeze_audio_encoder", "ptx_coef",
                 "ptx_batch_size")
 
 
@@ -396,11 +400,13 @@ class PromptSampler:
     resuming continues the exact same sequence."""
 
     def __init__(self, stream: ExampleStream, rows: Sequence[Row], prompt_cfg: PromptConfig, labels: list[str],
-                 oversample_hard: float, seed: int, conflict_share: float = 0.0):
+                 oversample_hard: float, seed: int, conflict_share: float = 0.0, transcript_dropout: float = 0.0):
         self.stream, self.prompt_cfg, self.labels, self.hard_share = stream, prompt_cfg, labels, oversample_hard
         self.rows = {r.id: r for r in rows}
         self.conflict_ids = sorted(r.id for r in rows if r.congruent is False)
         self.conflict_share = conflict_share if self.conflict_ids else 0.0
+        self.transcript_dropout = transcript_dropout if prompt_cfg.transcript else 0.0
+        self.no_words_cfg = prompt_cfg.model_copy(update={"transcript": False})
         self.consumed = 0
         self.pool: dict[str, float] = {}  # row id -> accuracy of its last group (< 1)
         self.rng = np.random.default_rng(seed + 7919)
@@ -421,6 +427,9 @@ class PromptSampler:
             else:
                 out.append(self.stream.take(self.consumed, 1)[0])
                 self.consumed += 1
+            if self.transcript_dropout and self.rng.random() < self.transcript_dropout:
+                e = out[-1]
+                out[-1] = Example(e.row, e.task, build_prompt(e.task, e.row, self.no_words_cfg, self.labels), "", transcript=False)
         return out
 
     def update(self, results: Sequence[tuple[str, float]]) -> None:
@@ -467,7 +476,7 @@ def reward_kwargs(examples: Sequence[Example], G: int, prompt_cfg: PromptConfig,
         kw[f] = [getattr(e.row, f, None) for e in examples for _ in range(G)]
     n = len(examples) * G
     kw.update(labels=[list(labels)] * n, target=[prompt_cfg.target] * n, cot=[prompt_cfg.cot] * n,
-              transcript_in_prompt=[prompt_cfg.transcript] * n, prompt_cues=[list(prompt_cfg.cues)] * n)
+              transcript_in_prompt=[prompt_cfg.transcript and e.transcript for e in examples for _ in range(G)], prompt_cues=[list(prompt_cfg.cues)] * n)
     return kw
 
 
@@ -564,7 +573,8 @@ def train_grpo(
     fns = resolve_rewards(cfg.reward_funcs, reward_fns)
     w_rewards = torch.tensor(cfg.reward_weights or [1.0] * len(fns), dtype=torch.float32)
     stream = ExampleStream(train_rows, weights, prompt_cfg, labels, seed)
-    sampler = PromptSampler(stream, train_rows, prompt_cfg, labels, cfg.oversample_hard, seed, cfg.conflict_share)
+    sampler = PromptSampler(stream, train_rows, prompt_cfg, labels, cfg.oversample_hard, seed, cfg.conflict_share,
+                            cfg.transcript_dropout)
     # Its own stream (another seed), read at a position that is a function of the step: resumes exactly.
     ptx_stream = ExampleStream(train_rows, weights, prompt_cfg, labels, seed + 1) if cfg.ptx_coef > 0 else None
 
