@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/stage2_vs_stage1"))
     ap.add_argument("--style-strength", type=float, default=None,
                     help="ParaSynth's data.synth.style_strength for every run (default: the config's)")
+    ap.add_argument("--sft-init", default=None,
+                    help="start both stage-1 runs from this checkpoint instead of a fresh tiny model; "
+                         "{seed} is replaced by the seed (e.g. runs/warm/seed{seed})")
     ap.add_argument("--skip-single", action="store_true", help="no classification-only run (and no multi vs single check)")
     ap.add_argument("overrides", nargs="*",
                     help="config overrides: grpo.* go to both stage-2 runs, anything else (e.g. "
@@ -113,6 +116,8 @@ def main() -> None:
         d = a.out / f"seed{seed}"
         d.mkdir(parents=True, exist_ok=True)
         init = [f"model.tiny.seed={seed}"]  # the seed draws the tiny model's initial weights too
+        if a.sft_init:
+            init.append(f"model.name_or_path={a.sft_init.format(seed=seed)}")
         train("sft", d / "sft", seed, [*common, *init, f"sft.steps={a.sft_steps}"])
         train("sft", d / "sft_long", seed, [*common, *init, f"sft.steps={a.sft_steps + a.grpo_steps}"])
         grpo = [*common, f"grpo.steps={a.grpo_steps}", *stage2]
