@@ -2,13 +2,17 @@
 
     python benchmarks/encoder_voices.py                          # ParaSynth with 40 and 80 speakers
     python benchmarks/encoder_voices.py --speakers 40,60,80 --seeds 0,1 --steps 1000
+    python benchmarks/encoder_voices.py --speakers 80 --seeds 0,1 --save 'runs/warm/seed{seed}'
 
 No language model, no prompt: the tiny model's audio encoder (the same architecture and init as
 the speech LLM's), mean-pooled over the clip, with a linear head, trained with cross-entropy on the
 voice emotion of ParaSynth's train split and scored (UA) on its test split, whose speakers never
 occur in train. If this fails, no prompt, chain-of-thought or RL recipe on top of it can succeed:
 the model cannot hear the voice of a new speaker. Train and test UA side by side show whether the
-gap is memorised voices (docs/grpo.md, "Too few voices"). Prints numbers; it is not a test.
+gap is memorised voices (docs/grpo.md, "Where the hearing is lost"). `--save` keeps each trained
+model (its encoder warmed up, the rest as initialised, the tokenizer stage 1 would train) as a
+checkpoint that stage 1 can start from: `benchmarks/stage2_vs_stage1.py --sft-init 'runs/warm/seed{seed}'`.
+Prints numbers; it is not a test.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from sklearn.metrics import balanced_accuracy_score
 from pallm.cli.stages import _corpus_of, load_run_config
 from pallm.data.audio import load_audio
 from pallm.data.manifest import read_manifest
-from pallm.model.build import ModelSpec, build_tiny
+from pallm.model.build import ModelSpec, build_tiny, save_checkpoint
+from pallm.prompts.format import label_set
+from pallm.train.examples import select_train_rows, tokenizer_texts
 
 
 def features(processor, corpus, split: str, emotions: list[str]):
@@ -51,9 +57,12 @@ def predict(encoder, head, mels, frames) -> np.ndarray:
     return out.numpy()
 
 
-def run(cfg, corpus, seed: int, steps: int, batch: int, lr: float) -> list[tuple[int, float, float]]:
+def run(cfg, corpus, seed: int, steps: int, batch: int, lr: float, save: str | None) -> list[tuple[int, float, float]]:
     emotions = list(cfg.data.synth.emotions)
-    model, processor = build_tiny(["tokenizer text"], ModelSpec(tiny={"seed": seed}))
+    rows = read_manifest(corpus)
+    labels = label_set(cfg.prompt, sorted({r.emotion for r in rows if r.emotion}))
+    texts = tokenizer_texts(select_train_rows(rows, cfg.prompt, None, seed), cfg.prompt, labels)  # as stage 1 would
+    model, processor = build_tiny(texts, ModelSpec(tiny={"seed": seed}))
     encoder = model.model.audio_tower
     train = features(processor, corpus, "train", emotions)
     test = features(processor, corpus, "test", emotions)
@@ -73,6 +82,8 @@ def run(cfg, corpus, seed: int, steps: int, batch: int, lr: float) -> list[tuple
             ua_train = balanced_accuracy_score(train[2][seen], predict(encoder, head, train[0][seen], train[1][seen]))
             ua_test = balanced_accuracy_score(test[2], predict(encoder, head, test[0], test[1]))
             curve.append((step, ua_train, ua_test))
+    if save:
+        save_checkpoint(model.eval(), processor, save.format(seed=seed), {"stage": "encoder_warmup", "steps": steps})
     return curve
 
 
@@ -83,6 +94,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--save", default=None, help="save each model as a stage-1 starting checkpoint; {seed} is replaced")
     a = ap.parse_args()
     configs = {n: load_run_config(None, [f"data.synth.speakers={n}"]) for n in (int(s) for s in a.speakers.split(","))}
     corpora = {n: _corpus_of(cfg) for n, cfg in configs.items()}  # synthesised on first use, then cached
@@ -90,7 +102,7 @@ def main() -> None:
     for speakers, cfg in configs.items():
         for seed in (int(s) for s in a.seeds.split(",")):
             t0 = time.perf_counter()
-            for step, ua_train, ua_test in run(cfg, corpora[speakers], seed, a.steps, a.batch, a.lr):
+            for step, ua_train, ua_test in run(cfg, corpora[speakers], seed, a.steps, a.batch, a.lr, a.save):
                 print(f"| {speakers} | {seed} | {step} | {ua_train:.3f} | {ua_test:.3f} |", flush=True)
             print(f"({speakers} speakers, seed {seed}: {time.perf_counter() - t0:.0f} s)", flush=True)
 
