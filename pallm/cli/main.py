@@ -93,7 +93,7 @@ def data_cues(
     baseline: str = typer.Option("speaker", "--baseline",
                                  help="cue bins relative to the speaker's own voice, or to the corpus's speakers of the same gender"),
 ) -> None:
-    """Measure eGeMAPS functionals and speaker-relative cue bins; store them as `cues` per row."""
+    """Measure eGeMAPS functionals and cue bins (speaker- or gender-relative); store them as `cues` per row."""
     from pallm.acoustics.cues import CUE_BASELINES
 
     if baseline not in CUE_BASELINES:
