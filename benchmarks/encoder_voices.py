@@ -29,6 +29,7 @@ from pallm.data.audio import load_audio
 from pallm.data.manifest import read_manifest
 from pallm.model.build import ModelSpec, build_tiny, save_checkpoint
 from pallm.prompts.format import label_set
+from pallm.train.common import audio_tower
 from pallm.train.examples import select_train_rows, tokenizer_texts
 
 
@@ -63,7 +64,7 @@ def run(cfg, corpus, seed: int, steps: int, batch: int, lr: float, save: str | N
     labels = label_set(cfg.prompt, sorted({r.emotion for r in rows if r.emotion}))
     texts = tokenizer_texts(select_train_rows(rows, cfg.prompt, None, seed), cfg.prompt, labels)  # as stage 1 would
     model, processor = build_tiny(texts, ModelSpec(tiny={"seed": seed}))
-    encoder = model.model.audio_tower
+    encoder = audio_tower(model)
     train = features(processor, corpus, "train", emotions)
     test = features(processor, corpus, "test", emotions)
     head = torch.nn.Linear(encoder.config.d_model, len(emotions))

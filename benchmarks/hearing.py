@@ -34,19 +34,20 @@ from pallm.data.manifest import manifest_path, read_manifest
 from pallm.model.build import load_pretrained
 from pallm.prompts.format import parse_completion
 from pallm.rewards.core import _VOICE_RE
+from pallm.train.common import audio_tower
+
+from encoder_voices import pooled  # the same clip average the encoder is trained through there
 
 
 def encoder_features(model, processor, rows) -> np.ndarray:
-    fe, encoder = processor.feature_extractor, model.model.audio_tower
+    """The encoder output averaged over each clip, 64 clips at a time (real checkpoints' windows are long)."""
+    fe, encoder = processor.feature_extractor, audio_tower(model)
     out = []
     for i in range(0, len(rows), 64):
         clips = [load_audio(r.audio)[: fe.n_samples] for r in rows[i : i + 64]]
         f = fe(clips, sampling_rate=fe.sampling_rate, return_attention_mask=True, return_tensors="pt")
         with torch.no_grad():
-            h = encoder(f["input_features"]).last_hidden_state
-        n = (f["attention_mask"].sum(1) // 4).clamp(1, h.shape[1])  # 4 mel frames per encoder output
-        keep = (torch.arange(h.shape[1])[None] < n[:, None]).float()[..., None]
-        out.append(((h * keep).sum(1) / keep.sum(1)).numpy())
+            out.append(pooled(encoder, f["input_features"], f["attention_mask"].sum(1)).numpy())
     return np.concatenate(out)
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pallm.acoustics.cues import CueBaseline
 from pallm.config import dump_config
 from pallm.data.manifest import Row, read_manifest
 from pallm.data.parasynth.generate import SynthConfig
@@ -51,7 +52,7 @@ class DataConfig(BaseModel):
     measure_cues: bool = True
     # What the cue bins are relative to: "speaker" (the speaker's own habit) or "gender" (the
     # corpus's speakers of the same gender: the norm a listener applies to one clip of a stranger).
-    cue_baseline: Literal["speaker", "gender"] = "speaker"
+    cue_baseline: CueBaseline = "speaker"
 
 
 class LLMJudgeConfig(BaseModel):

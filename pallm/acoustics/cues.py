@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence, get_args
 
 import numpy as np
 import pandas as pd
@@ -57,7 +57,8 @@ CUE_MEANING = {
 }
 
 DEFAULT_THRESHOLD = 0.43  # standard-normal terciles
-CUE_BASELINES = ("speaker", "gender")
+CueBaseline = Literal["speaker", "gender"]  # what the bins are relative to (measure_cues)
+CUE_BASELINES = get_args(CueBaseline)
 MIN_UTTERANCES = 5  # fewer valid values than this for a speaker: use the corpus baseline
 CACHE_DIR = ".pallm_cache"
 CACHE_NAME = "egemaps.parquet"
@@ -129,7 +130,7 @@ def measure_cues(
     *,
     threshold: float = DEFAULT_THRESHOLD,
     min_utterances: int = MIN_UTTERANCES,
-    baseline: str = "speaker",
+    baseline: CueBaseline = "speaker",
 ) -> list[Row]:
     """Copies of `rows` with `cues` (cue -> low/mid/high), `cue_z` (cue -> z, 3 decimals) and,
     where a row has none, `reference_audio` (see `speaker_references`).
@@ -198,7 +199,7 @@ def annotate_corpus(
     *,
     threshold: float = DEFAULT_THRESHOLD,
     min_utterances: int = MIN_UTTERANCES,
-    baseline: str = "speaker",
+    baseline: CueBaseline = "speaker",
 ) -> Path:
     """Measure a corpus and rewrite its manifest with `cues`, `cue_z` and (where absent)
     `reference_audio`; returns the manifest path.
