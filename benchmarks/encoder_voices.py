@@ -67,6 +67,7 @@ def run(cfg, corpus, seed: int, steps: int, batch: int, lr: float, save: str | N
     encoder = audio_tower(model)
     train = features(processor, corpus, "train", emotions)
     test = features(processor, corpus, "test", emotions)
+    torch.manual_seed(seed)  # the head is drawn from the global generator: same seed, same numbers
     head = torch.nn.Linear(encoder.config.d_model, len(emotions))
     opt = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=lr)
     gen = torch.Generator().manual_seed(seed)
