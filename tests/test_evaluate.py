@@ -34,7 +34,8 @@ from pallm.evaluate import (
     text_baseline,
     write_eval,
 )
-from pallm.model import build_tiny
+from pallm.evaluate.predict import model_audio
+from pallm.model import SpeakerNormalized, build_tiny
 from pallm.prompts.format import PromptConfig, build_prompt, build_target
 
 LABELS = ["negative", "neutral", "positive"]
@@ -375,6 +376,19 @@ def test_a_reference_model_hears_its_speakers_reference_and_probes_replace_only_
     assert heard[0].startswith("The first recording is the same speaker in their usual voice")
     with pytest.raises(PallmError, match="reference_audio.*pallm data cues"):
         predict(None, None, list(probe_rows[:2]), "classify", cfg)
+
+
+def test_a_speaker_norm_model_hears_each_clip_against_its_speakers_reference(probe_rows):
+    row = probe_rows[0].model_copy(update={"reference_audio": probe_rows[1].audio})
+    cfg = PromptConfig(speaker_norm=True)
+    heard = model_audio(row, cfg, audio_fn=lambda r: np.zeros(8, np.float32))
+    assert isinstance(heard, SpeakerNormalized) and not heard.clip.any()
+    assert np.array_equal(heard.reference, load_audio(probe_rows[1].audio))  # the probe replaced the clip only
+    assert not build_prompt("classify", row, cfg, LABELS).startswith("The first recording")
+    with pytest.raises(PallmError, match="prompt.speaker_norm"):
+        model_audio(probe_rows[0].model_copy(update={"reference_audio": None}), cfg)
+    with pytest.raises(ValueError, match="choose one"):
+        PromptConfig(speaker_norm=True, speaker_reference=True)
 
 
 def test_probes_run_on_tiny_model(corpus, probe_rows):

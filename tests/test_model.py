@@ -18,6 +18,7 @@ from pallm.model import (
     SPECIAL_TOKENS,
     TASK_TOKENS,
     ModelSpec,
+    SpeakerNormalized,
     banned_token_ids,
     build_tiny,
     count_parameters,
@@ -255,6 +256,50 @@ def test_the_reference_clip_reaches_the_model_and_survives_sampling_expansion():
     sampled = generate(model, processor, audios, [PROMPT] * 2, max_new_tokens=12, do_sample=True, temperature=0.05,
                        num_return_sequences=3)
     assert sampled == [targets[0]] * 3 + [targets[1]] * 3
+
+
+def test_a_speaker_normalized_clip_has_its_speakers_mean_spectrum_taken_out(tiny):
+    """prompt.speaker_norm: the clip alone is played (same tokens as without a reference), and on
+    its valid frames each mel band moves by minus the reference's band mean (overall level kept);
+    the window's padding and the other rows stay as they were."""
+    model, processor = tiny
+    clip, ref, other = noise(1.0, seed=1), tone(0.6, hz=330.0), noise(2.0)
+    plain = encode_batch(processor, [clip, other], [PROMPT] * 2)
+    normed = encode_batch(processor, [SpeakerNormalized(clip, ref), other], [PROMPT] * 2)
+    assert torch.equal(plain["input_ids"], normed["input_ids"]) and normed["input_features"].shape[0] == 2
+    fe = processor.feature_extractor
+    r = fe([ref], sampling_rate=SR, return_attention_mask=True, return_tensors="np")
+    band = r["input_features"][0][:, : int(r["attention_mask"][0].sum())].mean(1)
+    shift = torch.from_numpy(band - band.mean())[:, None]
+    n = int(plain["feature_attention_mask"][0].sum())
+    assert n == 100 and shift.abs().max() > 0.1
+    assert torch.allclose(normed["input_features"][0, :, :n], plain["input_features"][0, :, :n] - shift, atol=1e-5)
+    assert torch.equal(normed["input_features"][0, :, n:], plain["input_features"][0, :, n:])
+    assert torch.equal(normed["input_features"][1], plain["input_features"][1])
+    # A clip normalised by itself has a flat mean spectrum: every band averages to the same value.
+    own = encode_batch(processor, [SpeakerNormalized(clip, clip)], [PROMPT])["input_features"][0, :, :n].mean(1)
+    assert float(own.max() - own.min()) < 1e-4 < float(plain["input_features"][0, :, :n].mean(1).std())
+    with torch.no_grad():
+        assert torch.isfinite(model(**normed).logits).all()
+
+
+def test_generate_feeds_the_model_the_normalized_features(tiny, monkeypatch):
+    """generate() (greedy, and sampling G per row) hands the model the speaker-normalised features."""
+    model, processor = tiny
+    audios = [SpeakerNormalized(noise(1.0, seed=3), tone(1.0)), noise(1.5)]
+    want = encode_batch(processor, audios, [PROMPT] * 2)["input_features"]
+    assert not torch.equal(want, encode_batch(processor, [audios[0].clip, audios[1]], [PROMPT] * 2)["input_features"])
+    seen = []
+    real = model.generate
+
+    def spy(**kw):
+        seen.append(kw["input_features"])
+        return real(**kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    generate(model, processor, audios, [PROMPT] * 2, max_new_tokens=2)
+    generate(model, processor, audios, [PROMPT] * 2, max_new_tokens=2, do_sample=True, num_return_sequences=3)
+    assert all(torch.equal(f, want) for f in seen) and len(seen) == 2
 
 
 # --- generation ---------------------------------------------------------------------------------

@@ -114,13 +114,18 @@ def chat_clip(
 ) -> dict[str, Any]:
     """Run the model on one clip (windowed if longer than `window_seconds`); a JSON-able result.
     `reference` (samples) is the speaker's reference clip, heard before each window by models
-    trained with `prompt.speaker_reference`."""
+    trained with `prompt.speaker_reference`, or each window is normalised by it (`prompt.speaker_norm`)."""
     import soundfile as sf
 
     from pallm.data.audio import SAMPLE_RATE, load_audio
     from pallm.data.manifest import Row
-    from pallm.model import generate
+    from pallm.model import SpeakerNormalized, generate
     from pallm.prompts.format import build_prompt, parse_completion
+
+    def heard(w):
+        if reference is None:
+            return w
+        return SpeakerNormalized(w, reference) if prompt_cfg.speaker_norm else (reference, w)
 
     path = Path(path)
     wav = load_audio(path)  # checks missing / unreadable / empty, mixes to mono, resamples
@@ -137,7 +142,7 @@ def chat_clip(
         prompt = build_prompt(t, row, prompt_cfg, labels)
         texts: list[str] = []
         for start in range(0, len(windows), batch_size):
-            chunk = [w if reference is None else (reference, w) for _, _, w in windows[start : start + batch_size]]
+            chunk = [heard(w) for _, _, w in windows[start : start + batch_size]]
             texts += generate(model, processor, chunk, [prompt] * len(chunk), max_new_tokens=max_new_tokens,
                               do_sample=False)
         outputs[t] = texts
@@ -248,7 +253,7 @@ def chat(
     batch_size: int = typer.Option(8, "--batch-size", help="windows decoded together"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per clip on stdout instead of panels"),
     reference: Optional[Path] = typer.Option(
-        None, "--reference", help="a clip of the same speaker in their usual voice (models trained with prompt.speaker_reference)"),
+        None, "--reference", help="a clip of the same speaker in their usual voice (models trained with prompt.speaker_reference or speaker_norm)"),
 ) -> None:
     """Ask a checkpoint how clips sound: reasoning, sentiment and a reply (long clips in windows, majority vote)."""
     from pydantic import ValidationError
@@ -292,9 +297,10 @@ def chat(
             raise PallmError(f"{model}/pallm.json: an emotion model needs its 'labels' list; none found.")
         labels = label_set(prompt_cfg)
     ref_wav = None
-    if prompt_cfg.speaker_reference:
+    if prompt_cfg.speaker_reference or prompt_cfg.speaker_norm:
         if reference is None:
-            raise ConfigError(f"{model} was trained to hear the speaker's usual voice first (prompt.speaker_reference): "
+            how = "first (prompt.speaker_reference)" if prompt_cfg.speaker_reference else "as a baseline (prompt.speaker_norm)"
+            raise ConfigError(f"{model} was trained to hear the speaker's usual voice {how}: "
                               "pass --reference CLIP, a recording of the same speaker speaking normally.")
         from pallm.data.audio import load_audio
 

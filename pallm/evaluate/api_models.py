@@ -199,7 +199,7 @@ class ApiAudioModel:
             labels = label_set(prompt_cfg, sorted({r.emotion for r in rows if r.emotion}))
         audio_fn = audio_fn or row_audio
         # One clip per request: API models are asked about the clip alone, without a speaker reference.
-        prompt_cfg = prompt_cfg.model_copy(update={"speaker_reference": False})
+        prompt_cfg = prompt_cfg.model_copy(update={"speaker_reference": False, "speaker_norm": False})
         self.errors = {}
         total = len(rows)
         if progress:

@@ -15,7 +15,7 @@ import numpy as np
 from pallm.data.audio import audio_duration, load_audio
 from pallm.data.manifest import Row
 from pallm.errors import PallmError
-from pallm.model import generate
+from pallm.model import SpeakerNormalized, generate
 from pallm.prompts.format import PromptConfig, build_prompt, label_set, parse_completion
 
 
@@ -45,7 +45,8 @@ def reference_row(row: Row) -> Row:
     """The row's speaker reference as a row of its own (same speaker and channel), for audio loaders."""
     if not row.reference_audio:
         raise PallmError(
-            f"row '{row.id}': this model first hears a reference clip of the speaker (prompt.speaker_reference), "
+            f"row '{row.id}': this model hears the clip against a reference clip of the speaker "
+            "(prompt.speaker_reference or prompt.speaker_norm), "
             "but the row has no `reference_audio`. Run `pallm data cues CORPUS` to add one per row, or set the "
             "field to a clip of the same speaker in their usual voice."
         )
@@ -53,11 +54,17 @@ def reference_row(row: Row) -> Row:
 
 
 def model_audio(row: Row, prompt_cfg: PromptConfig, audio_fn: Callable[[Row], np.ndarray] = row_audio,
-                reference_fn: Callable[[Row], np.ndarray] = row_audio) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """What the model hears for `row`: `audio_fn(row)`, or (speaker reference, clip) when the prompt
-    says so. The probes replace the clip only; the reference stays the speaker's."""
+                reference_fn: Callable[[Row], np.ndarray] = row_audio
+                ) -> np.ndarray | tuple[np.ndarray, np.ndarray] | SpeakerNormalized:
+    """What the model hears for `row`: `audio_fn(row)`, or (speaker reference, clip), or the clip
+    normalised by the speaker reference, as the prompt says. The probes replace the clip only; the
+    reference stays the speaker's."""
     clip = audio_fn(row)
-    return (reference_fn(reference_row(row)), clip) if prompt_cfg.speaker_reference else clip
+    if prompt_cfg.speaker_reference:
+        return reference_fn(reference_row(row)), clip
+    if prompt_cfg.speaker_norm:
+        return SpeakerNormalized(clip, reference_fn(reference_row(row)))
+    return clip
 
 
 def _duration(row: Row) -> float:

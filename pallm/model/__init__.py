@@ -8,7 +8,7 @@
     save_checkpoint(model, processor, "runs/sft", {"task": ...})
 """
 
-from pallm.model.batch import IGNORE_INDEX, banned_token_ids, encode_batch, generate, prepare_audio
+from pallm.model.batch import IGNORE_INDEX, SpeakerNormalized, banned_token_ids, encode_batch, generate, prepare_audio
 from pallm.model.build import (
     ModelSpec,
     TinySize,
@@ -28,6 +28,7 @@ __all__ = [
     "FAMILIES",
     "IGNORE_INDEX",
     "SPECIAL_TOKENS",
+    "SpeakerNormalized",
     "TASK_TOKENS",
     "Family",
     "ModelSpec",

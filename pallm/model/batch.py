@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,9 +63,42 @@ def prepare_audio(processor, audios: Sequence[np.ndarray], max_audio_seconds: fl
     return out
 
 
-def clips_of(entry: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-    """One entry of `audios`: a clip, or a tuple/list of clips heard in order (speaker reference, clip)."""
+@dataclass(frozen=True, eq=False)
+class SpeakerNormalized:
+    """A clip heard relative to its speaker (`prompt.speaker_norm`): the mean log-mel spectrum of
+    `reference`, the same speaker in their usual voice, is subtracted from the clip's, band by band
+    (speaker-level mean normalisation, as in Kaldi's per-speaker CMVN). One clip alone cannot show
+    whether a voice is raised or just high; the difference from the speaker's own voice does."""
+
+    clip: np.ndarray
+    reference: np.ndarray
+
+
+def clips_of(entry: np.ndarray | Sequence[np.ndarray] | SpeakerNormalized) -> tuple[np.ndarray, ...]:
+    """The clips one entry of `audios` plays: a clip, a tuple/list of clips heard in order (speaker
+    reference, clip), or a `SpeakerNormalized` clip (its reference is not heard)."""
+    if isinstance(entry, SpeakerNormalized):
+        return (entry.clip,)
     return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def normalize_by_speaker(processor, features: np.ndarray, frames: np.ndarray, references: dict[int, np.ndarray],
+                         max_audio_seconds: float | None = None) -> np.ndarray:
+    """Subtract from clip `i`'s valid frames of `features` ([clips, mels, frames]) the mean log-mel
+    spectrum of `references[i]` (its overall level kept, so the values stay in the range the
+    encoder was built for). `frames[i]` is the clip's number of valid frames."""
+    if not references:
+        return features
+    fe = processor.feature_extractor
+    index = list(references)
+    wavs = prepare_audio(processor, [references[i] for i in index], max_audio_seconds)
+    ref = fe(wavs, sampling_rate=fe.sampling_rate, return_attention_mask=True, return_tensors="np")
+    out = features.copy()
+    for j, i in enumerate(index):
+        n_ref = int(ref["attention_mask"][j].sum())
+        spectrum = ref["input_features"][j][:, :n_ref].mean(1)
+        out[i, :, : int(frames[i])] -= (spectrum - spectrum.mean())[:, None]
+    return out
 
 
 def pad_token_id(tok) -> int:
@@ -80,7 +114,7 @@ def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
 
 def encode_batch(
     processor,
-    audios: Sequence[np.ndarray | tuple[np.ndarray, ...]],
+    audios: Sequence[np.ndarray | tuple[np.ndarray, ...] | SpeakerNormalized],
     prompts: Sequence[str],
     completions: Sequence[str | Sequence[int]] | None = None,
     *,
@@ -92,7 +126,8 @@ def encode_batch(
     `feature_attention_mask`, and with `completions` also `labels` (-100 except on completion tokens).
 
     An entry of `audios` is one clip (1-D samples) or a tuple of clips heard in that order in the
-    same user turn, e.g. (speaker reference, clip); features come out row by row, clip by clip.
+    same user turn, e.g. (speaker reference, clip); features come out row by row, clip by clip. A
+    `SpeakerNormalized` entry plays its clip with the speaker's mean spectrum taken out.
 
     A completion is a string (tokenised and closed with the end-of-turn token, which the model must
     learn to emit) or token ids as sampled by `generate(return_ids=True)` (used as is, so RL scores
@@ -120,6 +155,12 @@ def encode_batch(
     wavs = prepare_audio(processor, [w for c in clips for w in c], max_audio_seconds)
     enc = processor(text=texts, audio=wavs, sampling_rate=processor.feature_extractor.sampling_rate, padding=False)
 
+    features = np.asarray(enc["input_features"], dtype=np.float32)
+    frames = np.asarray(enc["feature_attention_mask"]).sum(-1)
+    first = np.cumsum([0] + [len(c) for c in clips])  # index of each entry's first clip in `wavs`
+    references = {int(first[i]): a.reference for i, a in enumerate(audios) if isinstance(a, SpeakerNormalized)}
+    features = normalize_by_speaker(processor, features, frames, references, max_audio_seconds)
+
     ids = [list(r) for r in enc["input_ids"]]
     labels = [[IGNORE_INDEX] * len(r) for r in ids]
     if completions is not None:
@@ -140,7 +181,7 @@ def encode_batch(
     out = {
         "input_ids": _pad(ids, pad_token_id(tok), side),
         "attention_mask": _pad([[1] * len(r) for r in ids], 0, side),
-        "input_features": torch.from_numpy(np.asarray(enc["input_features"], dtype=np.float32)),
+        "input_features": torch.from_numpy(features),
         "feature_attention_mask": torch.from_numpy(np.asarray(enc["feature_attention_mask"])).long(),
     }
     if completions is not None:
@@ -179,7 +220,7 @@ def banned_token_ids(model, processor) -> list[int]:
 def generate(
     model,
     processor,
-    audios: Sequence[np.ndarray | tuple[np.ndarray, ...]],
+    audios: Sequence[np.ndarray | tuple[np.ndarray, ...] | SpeakerNormalized],
     prompts: Sequence[str],
     *,
     system: str | None = None,

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from pallm.data.manifest import SENTIMENTS, Row
 
@@ -49,6 +49,9 @@ class PromptConfig(BaseModel):
     # Hear a reference clip of the same speaker (the row's `reference_audio`) before the clip: the
     # cue bins are relative to the speaker's usual voice, which one clip alone does not show.
     speaker_reference: bool = False
+    # Or hear the clip relative to that reference: its mean log-mel spectrum is subtracted from the
+    # clip's (speaker-level normalisation; the reference itself is not played).
+    speaker_norm: bool = False
 
     @field_validator("cues")
     @classmethod
@@ -57,6 +60,13 @@ class PromptConfig(BaseModel):
         if unknown or not v:
             raise ValueError(f"cues must be a non-empty list of {', '.join(CUE_PHRASES)}; got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _one_use_of_the_reference(self) -> "PromptConfig":
+        if self.speaker_reference and self.speaker_norm:
+            raise ValueError("prompt.speaker_reference (play the reference) and prompt.speaker_norm (normalise by it) "
+                             "are two uses of the speaker's reference clip; choose one")
+        return self
 
 
 REFERENCE_NOTE = "The first recording is the same speaker in their usual voice, for reference; the second is the one to judge.\n"

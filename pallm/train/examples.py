@@ -89,13 +89,14 @@ TaskWeights = Annotated[dict[str, float], AfterValidator(_task_weights_field)]
 def check_cues(rows: Sequence[Row], prompt_cfg: PromptConfig, where: str = "the corpus") -> None:
     """The CoT target describes measured cues, and a speaker-reference prompt plays each row's
     `reference_audio`: every row must have what its prompt needs (both come from `pallm data cues`)."""
-    if prompt_cfg.speaker_reference:
+    if prompt_cfg.speaker_reference or prompt_cfg.speaker_norm:
+        option = "prompt.speaker_reference" if prompt_cfg.speaker_reference else "prompt.speaker_norm"
         lacking = [r for r in rows if not r.reference_audio]
         if lacking:
             raise PallmError(
                 f"{where}: {len(lacking)} of {len(rows)} rows have no `reference_audio` (e.g. '{lacking[0].id}'), and "
-                f"prompt.speaker_reference plays one before each clip. Run `pallm data cues {where}` to add them, "
-                "or set prompt.speaker_reference=false."
+                f"{option} hears each clip against one. Run `pallm data cues {where}` to add them, "
+                f"or set {option}=false."
             )
     if not prompt_cfg.cot:
         return
