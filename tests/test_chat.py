@@ -210,6 +210,34 @@ def test_a_reference_model_needs_reference_and_hears_it_before_every_window(ckpt
         assert prompt.startswith("The first recording is the same speaker")
 
 
+def test_a_speaker_norm_model_needs_reference_and_normalizes_every_window_by_it(ckpt, tmp_path, monkeypatch):
+    from pallm.model import SpeakerNormalized
+
+    meta = json.loads((ckpt / "pallm.json").read_text())
+    meta["task_format"] = PromptConfig(speaker_norm=True).model_dump()
+    model_dir = tmp_path / "norm_ckpt"
+    import shutil
+
+    shutil.copytree(ckpt, model_dir)
+    (model_dir / "pallm.json").write_text(json.dumps(meta))
+    clip, ref = tone(tmp_path / "long.wav", 9.0), tone(tmp_path / "me.wav", 1.0, amp=lambda t: 0.1 + 0 * t)
+    r = run("--model", model_dir, clip, "--task", "classify")
+    assert r.exit_code == 2 and "--reference" in r.output and "prompt.speaker_norm" in r.output
+    seen = []
+
+    def fake(model, processor, audios, prompts, **kw):
+        seen.extend(zip(audios, prompts))
+        return [NEG] * len(prompts)
+
+    monkeypatch.setattr(pallm.model, "generate", fake)
+    r = run("--model", model_dir, clip, "--task", "classify", "--reference", ref, "--json")
+    assert r.exit_code == 0, r.output
+    assert len(seen) == 3 and all(isinstance(a, SpeakerNormalized) for a, _ in seen)
+    for a, prompt in seen:
+        assert len(a.reference) == 16_000 and np.allclose(np.abs(a.clip).max(), 0.3, atol=1e-3)
+        assert not prompt.startswith("The first recording")
+
+
 def test_help():
     r = runner.invoke(app, ["chat", "--help"])
     assert r.exit_code == 0 and "--transcript" in r.output and "--task" in r.output

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from pallm.data.manifest import Row, read_manifest, write_manifest
-from pallm.errors import PallmError
+from pallm.errors import ConfigError, PallmError
 from pallm.model import build_tiny, encode_batch, generate, load_pretrained, read_pallm_meta
 from pallm.prompts.format import PromptConfig, build_prompt
 from pallm.train.common import AudioCache
@@ -459,6 +459,9 @@ def test_unknown_reward_and_unservable_task(tiny, corpus, tmp_path):
     write_manifest(rows, base, overwrite=True)
     with pytest.raises(PallmError, match="respond"):
         train_grpo(small(), PromptConfig(), base, tiny, tmp_path / "y")
+    with pytest.raises(ConfigError, match="vLLM computes itself"):  # before any engine or model is touched
+        train_grpo(small(use_vllm=True), PromptConfig(speaker_norm=True), corpus, tiny, tmp_path / "z")
+    assert not (tmp_path / "z").exists()
 
 
 DDP_SCRIPT = """

@@ -564,10 +564,10 @@ def train_grpo(
     except ValueError:
         raise PallmError(f"{manifest}: prompt.target=emotion, but no row has an emotion label.") from None
     train_rows = select_train_rows(all_rows, prompt_cfg, None, seed, where=str(manifest))
-    check_cues(train_rows, prompt_cfg, where=str(corpus_dir))
     if cfg.use_vllm and prompt_cfg.speaker_norm:
         raise ConfigError("prompt.speaker_norm changes the log-mel features, which vLLM computes itself from the "
                           "waveform: train with grpo.use_vllm=false (the HF backend), or without prompt.speaker_norm.")
+    check_cues(train_rows, prompt_cfg, where=str(corpus_dir))
     weights = check_task_weights(cfg.task_weights)
     for task in weights:
         if not any(can_serve(r, task, prompt_cfg) for r in train_rows):
