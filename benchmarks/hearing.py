@@ -29,32 +29,31 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler
 
-from pallm.data.audio import load_audio
 from pallm.data.manifest import manifest_path, read_manifest
-from pallm.model.build import load_pretrained
+from pallm.model.build import load_pretrained, read_pallm_meta
 from pallm.prompts.format import parse_completion
 from pallm.rewards.core import _VOICE_RE
 from pallm.train.common import audio_tower
 
-from encoder_voices import pooled  # the same clip average the encoder is trained through there
+from encoder_voices import mels, pooled  # the same features and clip average as the encoder is trained with there
 
 
-def encoder_features(model, processor, rows) -> np.ndarray:
-    """The encoder output averaged over each clip, 64 clips at a time (real checkpoints' windows are long)."""
-    fe, encoder = processor.feature_extractor, audio_tower(model)
-    out = []
+def encoder_features(model, processor, rows, speaker_norm: bool = False) -> np.ndarray:
+    """The encoder output averaged over each clip, 64 clips at a time (real checkpoints' windows are
+    long); the clips normalised by their speaker reference for `prompt.speaker_norm` models."""
+    encoder, out = audio_tower(model), []
     for i in range(0, len(rows), 64):
-        clips = [load_audio(r.audio)[: fe.n_samples] for r in rows[i : i + 64]]
-        f = fe(clips, sampling_rate=fe.sampling_rate, return_attention_mask=True, return_tensors="pt")
+        x, frames = mels(processor, rows[i : i + 64], speaker_norm)
         with torch.no_grad():
-            out.append(pooled(encoder, f["input_features"], f["attention_mask"].sum(1)).numpy())
+            out.append(pooled(encoder, x, frames).numpy())
     return np.concatenate(out)
 
 
 def probe(model_dir: Path, data: Path) -> float:
     model, processor = load_pretrained(model_dir)
+    norm = bool((read_pallm_meta(model_dir).get("task_format") or {}).get("speaker_norm"))
     train, test = read_manifest(data, split="train"), read_manifest(data, split="test")
-    x_train, x_test = encoder_features(model, processor, train), encoder_features(model, processor, test)
+    x_train, x_test = encoder_features(model, processor, train, norm), encoder_features(model, processor, test, norm)
     scale = StandardScaler().fit(x_train)
     lr = LogisticRegression(max_iter=3000).fit(scale.transform(x_train), [r.emotion for r in train])
     return balanced_accuracy_score([r.emotion for r in test], lr.predict(scale.transform(x_test)))
