@@ -182,47 +182,28 @@ def test_folder_with_a_bad_file_answers_the_rest_then_fails(ckpt, tmp_path, spy)
     assert "1 of 2 clips could not be read" in r.output and "broken.wav" in r.output
 
 
-def test_a_reference_model_needs_reference_and_hears_it_before_every_window(ckpt, tmp_path, monkeypatch):
-    ref_cfg = PromptConfig(speaker_reference=True)
-    meta = json.loads((ckpt / "pallm.json").read_text())
-    meta["task_format"] = ref_cfg.model_dump()
-    model_dir = tmp_path / "ref_ckpt"
+def trained_with(ckpt, prompt_cfg, where):
+    """A copy of the test checkpoint whose pallm.json says it was trained with `prompt_cfg`."""
     import shutil
 
-    shutil.copytree(ckpt, model_dir)
-    (model_dir / "pallm.json").write_text(json.dumps(meta))
-    clip, ref = tone(tmp_path / "long.wav", 9.0), tone(tmp_path / "me.wav", 1.0, amp=lambda t: 0.1 + 0 * t)
-    r = run("--model", model_dir, clip, "--task", "classify")
-    assert r.exit_code == 2 and "--reference" in r.output and "Traceback" not in r.output
-    seen = []
-
-    def fake(model, processor, audios, prompts, **kw):
-        seen.extend(zip(audios, prompts))
-        return [NEG] * len(prompts)
-
-    monkeypatch.setattr(pallm.model, "generate", fake)
-    r = run("--model", model_dir, clip, "--task", "classify", "--reference", ref, "--json")
-    assert r.exit_code == 0, r.output
-    assert len(seen) == 3  # a 9 s clip in the 4 s window: three windows, each after the reference
-    for (reference, window), prompt in seen:
-        assert len(reference) == 16_000 and np.allclose(np.abs(reference).max(), 0.1, atol=1e-3)
-        assert np.allclose(np.abs(window).max(), 0.3, atol=1e-3)
-        assert prompt.startswith("The first recording is the same speaker")
+    meta = json.loads((ckpt / "pallm.json").read_text())
+    meta["task_format"] = prompt_cfg.model_dump()
+    shutil.copytree(ckpt, where)
+    (where / "pallm.json").write_text(json.dumps(meta))
+    return where
 
 
-def test_a_speaker_norm_model_needs_reference_and_normalizes_every_window_by_it(ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("switch", ["speaker_reference", "speaker_norm"])
+def test_a_reference_model_needs_reference_and_hears_every_window_against_it(ckpt, tmp_path, monkeypatch, switch):
+    """speaker_reference: each window is played after the reference, under the reference prompt;
+    speaker_norm: each window is normalised by the reference, under the plain prompt."""
     from pallm.model import SpeakerNormalized
 
-    meta = json.loads((ckpt / "pallm.json").read_text())
-    meta["task_format"] = PromptConfig(speaker_norm=True).model_dump()
-    model_dir = tmp_path / "norm_ckpt"
-    import shutil
-
-    shutil.copytree(ckpt, model_dir)
-    (model_dir / "pallm.json").write_text(json.dumps(meta))
+    model_dir = trained_with(ckpt, PromptConfig(**{switch: True}), tmp_path / "ref_ckpt")
     clip, ref = tone(tmp_path / "long.wav", 9.0), tone(tmp_path / "me.wav", 1.0, amp=lambda t: 0.1 + 0 * t)
     r = run("--model", model_dir, clip, "--task", "classify")
-    assert r.exit_code == 2 and "--reference" in r.output and "prompt.speaker_norm" in r.output
+    assert r.exit_code == 2 and "--reference" in r.output and f"prompt.{switch}" in r.output
+    assert "Traceback" not in r.output
     seen = []
 
     def fake(model, processor, audios, prompts, **kw):
@@ -232,10 +213,16 @@ def test_a_speaker_norm_model_needs_reference_and_normalizes_every_window_by_it(
     monkeypatch.setattr(pallm.model, "generate", fake)
     r = run("--model", model_dir, clip, "--task", "classify", "--reference", ref, "--json")
     assert r.exit_code == 0, r.output
-    assert len(seen) == 3 and all(isinstance(a, SpeakerNormalized) for a, _ in seen)
-    for a, prompt in seen:
-        assert len(a.reference) == 16_000 and np.allclose(np.abs(a.clip).max(), 0.3, atol=1e-3)
-        assert not prompt.startswith("The first recording")
+    assert len(seen) == 3  # a 9 s clip in the 4 s window: three windows
+    for audio, prompt in seen:
+        if switch == "speaker_norm":
+            assert isinstance(audio, SpeakerNormalized)
+            reference, window = audio.reference, audio.clip
+        else:
+            reference, window = audio
+        assert len(reference) == 16_000 and np.allclose(np.abs(reference).max(), 0.1, atol=1e-3)
+        assert np.allclose(np.abs(window).max(), 0.3, atol=1e-3)
+        assert prompt.startswith("The first recording is the same speaker") == (switch == "speaker_reference")
 
 
 def test_help():

@@ -171,9 +171,10 @@ def test_missing_cues_is_a_clear_error(no_cues, tmp_path):
     assert "cues" in str(e.value) and not (tmp_path / "out").exists()
 
 
-def test_speaker_reference_needs_reference_clips_then_trains_with_them(corpus, tmp_path):
-    cfg = PromptConfig(speaker_reference=True)
-    with pytest.raises(PallmError, match=r"reference_audio.*pallm data cues"):
+@pytest.mark.parametrize("switch", ["speaker_reference", "speaker_norm"])
+def test_speaker_reference_switches_need_reference_clips_then_train_with_them(corpus, tmp_path, switch):
+    cfg = PromptConfig(**{switch: True})
+    with pytest.raises(PallmError, match=rf"reference_audio.*prompt\.{switch}.*pallm data cues"):
         train_sft(small(steps=1), SPEC, cfg, corpus, tmp_path / "none")
     assert not (tmp_path / "none").exists()
     rows = read_manifest(corpus)
@@ -183,21 +184,7 @@ def test_speaker_reference_needs_reference_clips_then_trains_with_them(corpus, t
     write_manifest([r.model_copy(update={"reference_audio": first[r.speaker]}) for r in rows], tmp_path / "ref")
     summary = train_sft(small(steps=4, eval_every=4, eval_rows=4, eval_max_new_tokens=4), SPEC, cfg,
                         tmp_path / "ref", tmp_path / "out")
-    assert summary["steps"] == 4 and read_pallm_meta(tmp_path / "out")["task_format"]["speaker_reference"] is True
-
-
-def test_speaker_norm_needs_reference_clips_then_trains_with_them(corpus, tmp_path):
-    cfg = PromptConfig(speaker_norm=True)
-    with pytest.raises(PallmError, match=r"reference_audio.*prompt.speaker_norm hears"):
-        train_sft(small(steps=1), SPEC, cfg, corpus, tmp_path / "none")
-    rows = read_manifest(corpus)
-    first = {}
-    for r in rows:
-        first.setdefault(r.speaker, r.audio)
-    write_manifest([r.model_copy(update={"reference_audio": first[r.speaker]}) for r in rows], tmp_path / "ref")
-    summary = train_sft(small(steps=2, eval_every=2, eval_rows=4, eval_max_new_tokens=4), SPEC, cfg,
-                        tmp_path / "ref", tmp_path / "out")
-    assert summary["steps"] == 2 and read_pallm_meta(tmp_path / "out")["task_format"]["speaker_norm"] is True
+    assert summary["steps"] == 4 and read_pallm_meta(tmp_path / "out")["task_format"][switch] is True
 
 
 def test_empty_train_split_is_an_error(corpus, tmp_path):
