@@ -119,13 +119,9 @@ def chat_clip(
 
     from pallm.data.audio import SAMPLE_RATE, load_audio
     from pallm.data.manifest import Row
-    from pallm.model import SpeakerNormalized, generate
+    from pallm.evaluate.predict import with_reference
+    from pallm.model import generate
     from pallm.prompts.format import build_prompt, parse_completion
-
-    def heard(w):
-        if reference is None:
-            return w
-        return SpeakerNormalized(w, reference) if prompt_cfg.speaker_norm else (reference, w)
 
     path = Path(path)
     wav = load_audio(path)  # checks missing / unreadable / empty, mixes to mono, resamples
@@ -142,7 +138,8 @@ def chat_clip(
         prompt = build_prompt(t, row, prompt_cfg, labels)
         texts: list[str] = []
         for start in range(0, len(windows), batch_size):
-            chunk = [heard(w) for _, _, w in windows[start : start + batch_size]]
+            chunk = [w if reference is None else with_reference(w, reference, prompt_cfg)
+                     for _, _, w in windows[start : start + batch_size]]
             texts += generate(model, processor, chunk, [prompt] * len(chunk), max_new_tokens=max_new_tokens,
                               do_sample=False)
         outputs[t] = texts
@@ -297,10 +294,10 @@ def chat(
             raise PallmError(f"{model}/pallm.json: an emotion model needs its 'labels' list; none found.")
         labels = label_set(prompt_cfg)
     ref_wav = None
-    if prompt_cfg.speaker_reference or prompt_cfg.speaker_norm:
+    if prompt_cfg.reference_switch:
         if reference is None:
-            how = "first (prompt.speaker_reference)" if prompt_cfg.speaker_reference else "as a baseline (prompt.speaker_norm)"
-            raise ConfigError(f"{model} was trained to hear the speaker's usual voice {how}: "
+            how = "first" if prompt_cfg.speaker_reference else "as a baseline"
+            raise ConfigError(f"{model} was trained to hear the speaker's usual voice {how} ({prompt_cfg.reference_switch}): "
                               "pass --reference CLIP, a recording of the same speaker speaking normally.")
         from pallm.data.audio import load_audio
 

@@ -60,11 +60,14 @@ def model_audio(row: Row, prompt_cfg: PromptConfig, audio_fn: Callable[[Row], np
     normalised by the speaker reference, as the prompt says. The probes replace the clip only; the
     reference stays the speaker's."""
     clip = audio_fn(row)
-    if prompt_cfg.speaker_reference:
-        return reference_fn(reference_row(row)), clip
-    if prompt_cfg.speaker_norm:
-        return SpeakerNormalized(clip, reference_fn(reference_row(row)))
-    return clip
+    return with_reference(clip, reference_fn(reference_row(row)), prompt_cfg) if prompt_cfg.reference_switch else clip
+
+
+def with_reference(clip: np.ndarray, reference: np.ndarray, prompt_cfg: PromptConfig
+                   ) -> tuple[np.ndarray, np.ndarray] | SpeakerNormalized:
+    """`clip` as a model that uses its speaker's reference hears it: played after the reference
+    (`prompt.speaker_reference`) or normalised by it (`prompt.speaker_norm`)."""
+    return SpeakerNormalized(clip, reference) if prompt_cfg.speaker_norm else (reference, clip)
 
 
 def _duration(row: Row) -> float:

@@ -68,6 +68,12 @@ class PromptConfig(BaseModel):
                              "are two uses of the speaker's reference clip; choose one")
         return self
 
+    @property
+    def reference_switch(self) -> str | None:
+        """The option by which the model hears each clip against its speaker's reference, if any."""
+        return ("prompt.speaker_reference" if self.speaker_reference
+                else "prompt.speaker_norm" if self.speaker_norm else None)
+
 
 REFERENCE_NOTE = "The first recording is the same speaker in their usual voice, for reference; the second is the one to judge.\n"
 

@@ -89,8 +89,8 @@ TaskWeights = Annotated[dict[str, float], AfterValidator(_task_weights_field)]
 def check_cues(rows: Sequence[Row], prompt_cfg: PromptConfig, where: str = "the corpus") -> None:
     """The CoT target describes measured cues, and a speaker-reference prompt plays each row's
     `reference_audio`: every row must have what its prompt needs (both come from `pallm data cues`)."""
-    if prompt_cfg.speaker_reference or prompt_cfg.speaker_norm:
-        option = "prompt.speaker_reference" if prompt_cfg.speaker_reference else "prompt.speaker_norm"
+    option = prompt_cfg.reference_switch
+    if option:
         lacking = [r for r in rows if not r.reference_audio]
         if lacking:
             raise PallmError(
