@@ -32,7 +32,6 @@ from sklearn.preprocessing import StandardScaler
 from pallm.data.manifest import manifest_path, read_manifest
 from pallm.model.build import load_pretrained, read_pallm_meta
 from pallm.prompts.format import parse_completion
-from pallm.rewards.core import _VOICE_RE
 from pallm.train.common import audio_tower
 
 from encoder_voices import mels, pooled  # the same features and clip average as the encoder is trained with there
@@ -76,10 +75,9 @@ def claims(model_dir: Path, data: Path) -> dict:
         row = rows[p["id"]]
         recall["answer"][row.emotion].append(p["label"] == p["gold"])
         parsed = parse_completion(p["output"], "classify")
-        voice = _VOICE_RE.search(parsed.think or "")
-        if voice is None:
+        said = parsed.voice_claim
+        if said is None:
             continue
-        said = voice.group(1).strip()
         voice_right.append(said == row.emotion)
         recall["voice claim"][row.emotion].append(said == row.emotion)
         made = parsed.cue_claims

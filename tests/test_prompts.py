@@ -39,6 +39,7 @@ def test_targets_parse_back_exactly():
     p = parse_completion(build_target("classify", _row(), cfg), "classify")
     assert p.format_ok and p.label == "negative"
     assert p.cue_claims == {"pitch_level": "low", "pitch_variability": "low", "loudness": "mid", "rate": "low"}
+    assert p.voice_claim == "sad"
     r = parse_completion(build_target("respond", _row(), cfg), "respond")
     assert r.format_ok and r.response == "Good news, but you sound down."
     d = parse_completion("<answer>negative</answer>", "classify", cot=False)
@@ -62,7 +63,7 @@ def test_parser_is_tolerant_where_it_should_be(text, label, ok):
 def test_contradictory_cue_claims_are_marked():
     p = parse_completion("<think>pitch level: low, pitch level: high, loudness: high</think><answer>negative</answer>",
                          "classify")
-    assert p.cue_claims == {"pitch_level": "conflict", "loudness": "high"}
+    assert p.cue_claims == {"pitch_level": "conflict", "loudness": "high"} and p.voice_claim is None
 
 
 def test_the_prompt_asks_for_the_configured_cues_and_rejects_unknown_ones():

@@ -33,6 +33,9 @@ CUE_PHRASES = {
 CUE_LEVELS = ("low", "mid", "high")
 _PHRASE_TO_CUE = {v: k for k, v in CUE_PHRASES.items()}
 _CLAIM_RE = re.compile(r"(" + "|".join(CUE_PHRASES.values()) + r")\s*(?:is|:)?\s*(low|mid|high)\b")
+# The think part's two affect claims, as build_think writes them (group 1: the claim's words).
+VOICE_CLAIM_RE = re.compile(r"the voice sounds\s+([^.<]*)")
+WORDS_CLAIM_RE = re.compile(r"the words sound\s+([^.<]*)")
 
 
 class PromptConfig(BaseModel):
@@ -143,6 +146,7 @@ class Parsed:
     response: str | None = None
     format_ok: bool = False  # strictly the expected tags, in order, nothing else around them
     cue_claims: dict[str, str] = field(default_factory=dict)
+    voice_claim: str | None = None  # what follows the first "the voice sounds", e.g. "sad"
 
 
 def _between(text: str, tag: str) -> str | None:
@@ -169,6 +173,8 @@ def parse_completion(text: str, task: str, labels: list[str] | None = None, cot:
             # A cue claimed twice with different levels is a contradiction: keep it as "conflict".
             cue = _PHRASE_TO_CUE[phrase]
             p.cue_claims[cue] = level if p.cue_claims.get(cue, level) == level else "conflict"
+        voice = VOICE_CLAIM_RE.search(p.think.lower())
+        p.voice_claim = voice.group(1).strip() if voice else None
     head = r"\s*<think>.*?</think>\s*" if cot else r"\s*"
     if task == "classify":
         p.answer = _between(text, "answer")

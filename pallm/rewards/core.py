@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 
 from pallm.data.manifest import SENTIMENTS
 from pallm.errors import PallmError
-from pallm.prompts.format import CUE_LEVELS, CUE_PHRASES, TASKS, PromptConfig, parse_completion
+from pallm.prompts.format import (CUE_LEVELS, CUE_PHRASES, TASKS, VOICE_CLAIM_RE, WORDS_CLAIM_RE, PromptConfig,
+                                  parse_completion)
 
 RewardFn = Callable[..., list]
 REWARDS: dict[str, RewardFn] = {}
@@ -267,8 +268,6 @@ register("cue_grounding")(make_cue_grounding())
 
 # --------------------------------------------------------------------------- affect grounding
 
-_VOICE_RE = re.compile(r"the voice sounds\s+([^.<]*)")
-_WORDS_RE = re.compile(r"the words sound\s+([^.<]*)")
 _AFFECT_WORDS = set(EMOTION_VA) | set(SENTIMENTS)
 
 
@@ -310,9 +309,9 @@ def affect_grounding(prompts: list, completions: list, **kwargs) -> list[float |
         checks = []
         voice_gold = str(emotion or sentiment or "").lower()
         if voice_gold:
-            checks.append((_VOICE_RE, voice_gold))
+            checks.append((VOICE_CLAIM_RE, voice_gold))
         if lexical and said:
-            checks.append((_WORDS_RE, str(lexical).lower()))
+            checks.append((WORDS_CLAIM_RE, str(lexical).lower()))
         if not checks or not cot:
             out.append(None)
             continue
