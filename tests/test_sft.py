@@ -23,7 +23,7 @@ from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 from pallm.data.manifest import Row, read_manifest, write_manifest
 from pallm.errors import PallmError
 from pallm.model import ModelSpec, read_pallm_meta
-from pallm.prompts.format import PromptConfig, build_target
+from pallm.prompts.format import PromptConfig, build_prompt, build_target
 from pallm.train import SFTConfig, build_examples, tokenizer_texts, train_sft
 from pallm.train.common import AudioCache, list_checkpoints
 from pallm.train.sft import select_train_rows
@@ -117,6 +117,24 @@ def test_cot_and_transcript_switches_shape_targets(train_rows):
     assert direct.target == f"<answer>{r.sentiment}</answer>"
     blind = build_examples([r], {"classify": 1}, PromptConfig(transcript=False), seed=0)[0]
     assert r.transcript not in blind.prompt and "the words sound" not in blind.target
+
+
+def test_transcript_dropout_drops_words_from_prompt_and_target(train_rows):
+    cfg = PromptConfig()
+    w = {"classify": 1, "respond": 1}
+    plain = build_examples(train_rows, w, cfg, seed=2)
+    half = build_examples(train_rows, w, cfg, seed=2, transcript_dropout=0.5)
+    assert [(e.row.id, e.task) for e in half] == [(e.row.id, e.task) for e in plain]  # same epoch, only prompts differ
+    blind = [e for e in half if not e.transcript]
+    assert 0.25 * len(half) < len(blind) < 0.75 * len(half)
+    no_words = PromptConfig(transcript=False)
+    for e in half:
+        shown = cfg if e.transcript else no_words
+        assert e.prompt == build_prompt(e.task, e.row, shown) and e.target == build_target(e.task, e.row, shown)
+    assert all(e.row.transcript not in e.prompt and "the words sound" not in e.target for e in blind)
+    assert half == build_examples(train_rows, w, cfg, seed=2, transcript_dropout=0.5)
+    # a prompt without transcript has nothing to drop
+    assert all(e.transcript is False for e in build_examples(train_rows, w, no_words, seed=2, transcript_dropout=0.5))
 
 
 def test_tokenizer_texts_cover_everything(train_rows):

@@ -126,11 +126,15 @@ def build_examples(
     prompt_cfg: PromptConfig,
     labels: list[str] | None = None,
     seed: int = 0,
+    transcript_dropout: float = 0.0,
 ) -> list[Example]:
     """One epoch: each usable row once, in a seeded random order, with a task assigned so that the
     task shares match `tasks` (weights, need not sum to 1) exactly up to rounding among rows that
     can serve every weighted task. Rows that can serve only some tasks get one of those (drawn by
-    weight); rows that can serve none are dropped. Deterministic in (rows, tasks, seed)."""
+    weight); rows that can serve none are dropped. With `transcript_dropout` p (and a prompt that
+    gives the transcript), a seeded share p of the examples is built as if `prompt.transcript`
+    were false: no words in the prompt, no words claim in the target, so the voice claim must come
+    from the audio. Deterministic in (rows, tasks, seed, transcript_dropout)."""
     weights = check_task_weights(tasks)
     labels = labels or label_set(prompt_cfg, sorted({r.emotion for r in rows if r.emotion}))
     rng = random.Random(seed)
@@ -154,7 +158,12 @@ def build_examples(
     for r, ok in partial:
         assigned.append((r, rng.choices(ok, weights=[weights[t] for t in ok])[0]))
     rng.shuffle(assigned)
-    return [Example(r, t, build_prompt(t, r, prompt_cfg, labels), build_target(t, r, prompt_cfg)) for r, t in assigned]
+    no_words = prompt_cfg.model_copy(update={"transcript": False})
+    out = []
+    for r, t in assigned:
+        cfg = no_words if prompt_cfg.transcript and rng.random() < transcript_dropout else prompt_cfg
+        out.append(Example(r, t, build_prompt(t, r, cfg, labels), build_target(t, r, cfg), transcript=cfg.transcript))
+    return out
 
 
 def tokenizer_texts(rows: Iterable[Row], prompt_cfg: PromptConfig, labels: list[str] | None = None) -> list[str]:
@@ -206,8 +215,9 @@ class ExampleStream:
     seed=f(seed, e))`. Example i of the stream is a pure function of (rows, config, seed, i),
     which is what makes resuming exact and the per-process split independent of timing."""
 
-    def __init__(self, rows: Sequence[Row], weights: dict[str, float], prompt_cfg: PromptConfig, labels: list[str], seed: int):
-        self._args = (list(rows), weights, prompt_cfg, labels)
+    def __init__(self, rows: Sequence[Row], weights: dict[str, float], prompt_cfg: PromptConfig, labels: list[str], seed: int,
+                 transcript_dropout: float = 0.0):
+        self._args = (list(rows), weights, prompt_cfg, labels, transcript_dropout)
         self.seed = seed
         self._cache: dict[int, list[Example]] = {}
         self.n = len(self.epoch(0))
@@ -216,9 +226,10 @@ class ExampleStream:
 
     def epoch(self, e: int) -> list[Example]:
         if e not in self._cache:
-            rows, weights, prompt_cfg, labels = self._args
+            rows, weights, prompt_cfg, labels, dropout = self._args
             self._cache = {k: v for k, v in self._cache.items() if k >= e - 1}  # keep memory flat
-            self._cache[e] = build_examples(rows, weights, prompt_cfg, labels, seed=self.seed * 1_000_003 + e)
+            self._cache[e] = build_examples(rows, weights, prompt_cfg, labels, seed=self.seed * 1_000_003 + e,
+                                            transcript_dropout=dropout)
         return self._cache[e]
 
     def take(self, start: int, count: int) -> list[Example]:

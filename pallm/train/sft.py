@@ -86,6 +86,9 @@ class SFTConfig(BaseModel):
     # None: every labelled train row. N: a seeded random N of them (nested: same seed, the 100
     # rows of budget 100 are among the 200 of budget 200), for data-scarcity experiments.
     label_budget: int | None = Field(None, ge=1)
+    # Share of examples shown without their transcript (and without the words claim in the target):
+    # modality dropout, so the voice claim is also learned where only the audio can give it.
+    transcript_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     save_every: int = Field(100, ge=0, description="checkpoint every N steps (0 = only the final model)")
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(100, ge=0, description="dev evaluation every N steps and at the end (0 = off)")
@@ -177,7 +180,7 @@ def train_sft(
     if "respond" in weights and not any(can_serve(r, "respond", prompt_cfg) for r in train_rows):
         raise PallmError(f"{manifest}: task_weights gives 'respond' weight {weights['respond']}, but no train row has a "
                          "reference reply (`response`). Set task_weights.respond=0 or add replies.")
-    stream = ExampleStream(train_rows, weights, prompt_cfg, labels, seed)
+    stream = ExampleStream(train_rows, weights, prompt_cfg, labels, seed, cfg.transcript_dropout)
 
     accelerator = make_accelerator(cfg.grad_accum, cfg.mixed_precision)
     main = accelerator.is_main_process
