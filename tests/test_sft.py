@@ -344,6 +344,8 @@ def test_resume_refuses_changed_settings(corpus, tmp_path):
         train_sft(cfg, SPEC, PromptConfig(), corpus, tmp_path / "o", progress=crash)
     with pytest.raises(PallmError, match="batch_size"):
         train_sft(small(steps=4, save_every=2, batch_size=2), SPEC, PromptConfig(), corpus, tmp_path / "o")
+    with pytest.raises(PallmError, match="transcript_dropout"):  # it changes the example stream
+        train_sft(small(steps=4, save_every=2, transcript_dropout=0.5), SPEC, PromptConfig(), corpus, tmp_path / "o")
 
 
 def test_lora_trains_adapters_only_and_saves_merged(corpus, tmp_path):

@@ -106,7 +106,8 @@ class SFTConfig(BaseModel):
 
 # Fields that change what a resumed run computes; a checkpoint made with other values is refused.
 _RESUME_KEYS = ("batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "weight_decay",
-                "max_grad_norm", "task_weights", "label_budget", "lora", "freeze_audio_encoder", "mixed_precision")
+                "max_grad_norm", "task_weights", "label_budget", "transcript_dropout", "lora", "freeze_audio_encoder",
+                "mixed_precision")
 
 
 # --- data ------------------------------------------------------------------------------------
