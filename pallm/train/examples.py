@@ -44,7 +44,7 @@ class Example:
     task: str  # "classify" or "respond"
     prompt: str  # the user turn (the audio goes before it, placed by the chat template)
     target: str  # the completion the model is trained to produce
-    transcript: bool = True  # False: the prompt left the transcript out (GRPO's transcript_dropout)
+    transcript: bool = True  # False: the prompt left the transcript out (sft./grpo.transcript_dropout)
 
 
 def gold(row: Row, prompt_cfg: PromptConfig) -> str | None:
