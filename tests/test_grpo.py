@@ -481,7 +481,8 @@ def hashed(prompts, completions, **kw):
     calls.append(r)
     return r
 model, proc = build_tiny(tokenizer_texts(read_manifest(corpus), PromptConfig()))
-cfg = GRPOConfig(steps=2, per_device_batch_size=2, num_generations=4, max_completion_length=8, save_every=1, eval_every=0,
+cfg = GRPOConfig(steps=2, per_device_batch_size=2, num_generations=4, max_completion_length=8, save_every=1, eval_every=1,
+                 eval_rows=2, load_best_model_at_end=True, metric_for_best_model="parse_rate",
                  scale_rewards="batch", learning_rate=1e-3, reward_funcs=["hashed"], ptx_coef=0.5, ptx_batch_size=2)
 s = train_grpo(cfg, PromptConfig(), corpus, (model, proc), out, reward_fns={"hashed": hashed})
 h = hashlib.sha1(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
@@ -493,7 +494,8 @@ json.dump({"hash": h, "first_rewards": calls[0], "summary": s}, open(os.path.joi
 def test_ddp_two_cpu_processes(corpus, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): rewards gathered before normalisation,
     weights identical on both ranks after the updates (the ptx term on too: its gradients are
-    all-reduced with the RL ones)."""
+    all-reduced with the RL ones), and the best-on-dev model, judged on rank 0 only, kept and
+    published by both ranks (a collective save)."""
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     if launcher is None:
         pytest.skip("accelerate CLI not found")
@@ -513,7 +515,10 @@ def test_ddp_two_cpu_processes(corpus, tmp_path):
     assert logged == pytest.approx(both, abs=1e-6)  # metrics (and batch statistics) span both ranks
     assert logged != pytest.approx(np.mean(r0["first_rewards"]), abs=1e-6)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
-    assert read_pallm_meta(out)["stage"] == "grpo"
+    meta = read_pallm_meta(out)
+    best = meta["summary"]["best_model"]
+    assert meta["stage"] == "grpo" and best == r0["summary"]["best_model"] == r1["summary"]["best_model"]
+    assert best["step"] in (1, 2) and meta.get("step", 2) == best["step"]
 
 
 def test_conflict_share_draws_conflict_rows_as_classify_prompts(corpus):
@@ -598,3 +603,22 @@ def test_ptx_term_mixes_stage1_loss_into_the_update(tiny, corpus, tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny[0].state_dict().values()))
     with pytest.raises(ValidationError):
         small(ptx_coef=-1.0)
+
+
+def test_load_best_model_at_end_publishes_the_best_dev_step(tiny, corpus, tmp_path):
+    """load_best_model_at_end (transformers' name): the published model is the dev-best step's
+    (ties keep the earliest), not the last one; the step checkpoint of that step holds the same weights."""
+    fns = {"hash": text_hash_reward}
+    out = tmp_path / "best"
+    cfg = small(steps=4, eval_every=2, eval_rows=2, save_every=2, keep_checkpoints=2, reward_funcs=["hash"],
+                load_best_model_at_end=True, metric_for_best_model="parse_rate")
+    summary = train_grpo(cfg, PromptConfig(), corpus, (copy.deepcopy(tiny[0]), tiny[1]), out, reward_fns=fns)
+    curve = summary["dev_curve"]
+    assert [d["step"] for d in curve] == [2, 4]
+    want = 2 if curve[0]["parse_rate"] >= curve[1]["parse_rate"] else 4
+    assert summary["best_model"]["step"] == want and read_pallm_meta(out)["step"] == want
+    ref, got = load_file(out / "checkpoints" / f"step-{want}" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    last = load_file(out / "checkpoints" / "step-4" / "model.safetensors")
+    assert want == 4 or not all(torch.equal(last[k], got[k]) for k in last)
+    assert not (out / "best").exists()

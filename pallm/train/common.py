@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pallm.data.audio import load_audio
 from pallm.data.manifest import Row
@@ -48,6 +48,9 @@ TRAINER_STATE = "trainer_state.json"
 ACCELERATE_STATE = "trainer"  # subfolder of a step checkpoint holding accelerate's save_state
 LOGS_DIR = "logs"
 TRAIN_LOG = "train_log.jsonl"
+BEST_MODEL_DIR = "best"  # the best-on-dev model so far (load_best_model_at_end)
+# Keys of a dev record (`dev_record`) a run can select its published model by.
+DevMetric = Literal["ua", "ua_congruent", "ua_conflict", "parse_rate", "follows_words_rate"]
 
 
 # --- process setup ---------------------------------------------------------------------------
@@ -462,17 +465,110 @@ def publish_final(accelerator, model, processor, out: str | os.PathLike, meta: d
     accelerator.wait_for_everyone()
     save_model(accelerator, model, processor, tmp, meta, merge_lora=True)
     if accelerator.is_main_process:
-        for f in sorted(tmp.iterdir()):
-            if f.name == PALLM_META_FILE:
-                continue
-            dst = out / f.name
-            if dst.is_dir() and not dst.is_symlink():
-                shutil.rmtree(dst)
-            os.replace(f, dst)
-        os.replace(tmp / PALLM_META_FILE, out / PALLM_META_FILE)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _move_into(tmp, out)
     accelerator.wait_for_everyone()
     return out
+
+
+def _move_into(src: Path, out: Path) -> None:
+    """Rename a complete checkpoint folder's files into the run folder, `pallm.json` last."""
+    for f in sorted(src.iterdir()):
+        if f.name == PALLM_META_FILE:
+            continue
+        dst = out / f.name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        os.replace(f, dst)
+    os.replace(src / PALLM_META_FILE, out / PALLM_META_FILE)
+    shutil.rmtree(src, ignore_errors=True)
+
+
+class BestModelFields(BaseModel):
+    """The dev-selection fields of the SFT and GRPO configs, with transformers' names."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Publish the model that scored best on the dev rows instead of the last step (needs eval_every).
+    load_best_model_at_end: bool = False
+    metric_for_best_model: DevMetric = "ua"
+    greater_is_better: bool | None = Field(None, description="null: true, except for follows_words_rate")
+
+    @model_validator(mode="after")
+    def _needs_eval(self):
+        if self.load_best_model_at_end and not getattr(self, "eval_every", 0):
+            raise ValueError("load_best_model_at_end needs a dev evaluation: set eval_every > 0")
+        return self
+
+    @property
+    def best_is_greater(self) -> bool:
+        return self.metric_for_best_model != "follows_words_rate" if self.greater_is_better is None else self.greater_is_better
+
+    def best_model_tracker(self, out: Path, resume_step: int | None) -> BestModel | None:
+        if not self.load_best_model_at_end:
+            return None
+        return BestModel(out, self.metric_for_best_model, self.best_is_greater, getattr(self, "steps"), resume_step)
+
+
+class BestModel:
+    """Transformers' `load_best_model_at_end` / `metric_for_best_model` / `greater_is_better`.
+
+    After each dev evaluation the model that scored best so far is kept, one copy, in `out/best/`;
+    at the end it is published in place of the last step. Why: at a constant learning rate RL
+    moves a lot between evaluations (dev UA by up to 27 points 50 steps apart), so the last
+    iterate is a noisy draw, and the dev speakers are in neither train nor test.
+    """
+
+    def __init__(self, out: Path, metric: str, greater_is_better: bool, final_step: int, resume_step: int | None = None):
+        self.dir = Path(out) / BEST_MODEL_DIR
+        self.metric, self.sign, self.final_step = metric, (1.0 if greater_is_better else -1.0), final_step
+        self.step: int | None = None
+        self.value: float | None = None
+        saved = self.dir / PALLM_META_FILE
+        if resume_step is not None and saved.exists():
+            # A best saved after the checkpoint we resume from is found again: the resumed run is exact.
+            rec = json.loads(saved.read_text(encoding="utf-8")).get("best_model") or {}
+            if rec.get("metric") == metric and rec.get("step") is not None and rec["step"] <= resume_step:
+                self.step, self.value = int(rec["step"]), float(rec["value"])
+
+    def record(self) -> dict[str, Any]:
+        return {"step": self.step, "metric": self.metric, "value": self.value}
+
+    def update(self, accelerator, model, processor, meta: dict[str, Any], rec: dict[str, Any] | None) -> bool:
+        """*Collective.* `rec`: the dev record on the main process (None elsewhere). Keeps the model
+        if it beats the best so far; returns whether it did."""
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = [rec]
+            broadcast_object_list(box)
+            rec = box[0]
+        if rec is None:
+            return False
+        if rec.get(self.metric) is None:
+            have = ", ".join(k for k, v in rec.items() if k != "step" and v is not None)
+            raise PallmError(f"metric_for_best_model={self.metric!r} is not measured on this dev set (it has: {have}); "
+                             "ua_congruent / ua_conflict need a manifest with a `congruent` field.")
+        value = float(rec[self.metric])
+        if self.value is not None and self.sign * value <= self.sign * self.value:
+            return False  # ties keep the earlier model, as transformers does
+        self.step, self.value = int(rec["step"]), value
+        if self.step != self.final_step:  # the last step is published anyway
+            save_model(accelerator, model, processor, self.dir, {**meta, "step": self.step, "best_model": self.record()})
+        return True
+
+    def publish(self, accelerator, model, processor, out: Path, meta: dict[str, Any]) -> Path:
+        """*Collective.* Publish the best model into `out` (the live model if the last step was
+        best, or no evaluation ran), then drop `out/best/`."""
+        if self.step is None or self.step == self.final_step:
+            publish_final(accelerator, model, processor, out, meta)
+        elif accelerator.is_main_process:
+            kept = json.loads((self.dir / PALLM_META_FILE).read_text(encoding="utf-8"))
+            (self.dir / PALLM_META_FILE).write_text(json.dumps({**kept, "summary": meta.get("summary")}, indent=2, sort_keys=True) + "\n",
+                                                    encoding="utf-8")
+            _move_into(self.dir, out)
+        if accelerator.is_main_process:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return out
 
 
 # --- logging ---------------------------------------------------------------------------------
@@ -532,7 +628,7 @@ RUN_FILES = (PALLM_META_FILE, SUMMARY_FILE, TRAIN_LOG, "config.json", "generatio
               "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
               "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
               "processor_config.json", "preprocessor_config.json")
-RUN_DIRS = (CHECKPOINTS_DIR, LOGS_DIR, "adapter", ".final.tmp")
+RUN_DIRS = (CHECKPOINTS_DIR, LOGS_DIR, BEST_MODEL_DIR, "adapter", ".final.tmp")
 
 
 def clear_run(out: Path) -> None:
@@ -580,13 +676,19 @@ def read_dev_curve(out: Path, upto: int) -> list[dict[str, Any]]:
 
 
 def finish_run(accelerator, model, processor, out: Path, meta: dict[str, Any], summary: dict[str, Any],
-               meta_exclude: Sequence[str] = ("dev_curve",)) -> dict[str, Any]:
-    """Write `train_summary.json`, then publish the final model with the summary in pallm.json."""
+               meta_exclude: Sequence[str] = ("dev_curve",), best: BestModel | None = None) -> dict[str, Any]:
+    """Write `train_summary.json`, then publish the final model (or, with `best`, the best on dev)
+    with the summary in pallm.json."""
+    if best is not None:
+        summary["best_model"] = best.record() if best.step is not None else None
     meta["summary"] = {k: v for k, v in summary.items() if k not in meta_exclude}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    publish_final(accelerator, model, processor, out, meta)
+    if best is not None:
+        best.publish(accelerator, model, processor, out, meta)
+    else:
+        publish_final(accelerator, model, processor, out, meta)
     summary["out"] = str(out)
     return summary
 

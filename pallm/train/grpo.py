@@ -43,6 +43,7 @@ from pallm.model.build import PALLM_META_FILE, read_pallm_meta
 from pallm.prompts.format import TASKS, PromptConfig, build_prompt, label_set, parse_completion
 from pallm.train.common import (
     AudioCache,
+    BestModelFields,
     LoraSettings,
     RunLogger,
     apply_lora,
@@ -84,7 +85,7 @@ REWARD_ROW_FIELDS = ("id", "sentiment", "emotion", "lexical_sentiment", "congrue
 STD_EPS = 1e-4  # TRL's: advantages = (r - mean) / (std + 1e-4)
 
 
-class GRPOConfig(BaseModel):
+class GRPOConfig(BestModelFields):
     """Stage-2 settings (`grpo:` section). Names follow TRL's GRPOConfig (docs/grpo.md maps each
     one); `per_device_batch_size` counts PROMPTS (groups), not completions."""
 
@@ -656,6 +657,7 @@ def train_grpo(
     cache = AudioCache(cfg.audio_cache)
     logger = RunLogger(out, enabled=main, resume_step=step)
     dev_curve = read_dev_curve(out, step) if (main and resume is not None) else []
+    best = cfg.best_model_tracker(out, step if resume is not None else None)
     device = accelerator.device
     task_ids = {t: i for i, t in enumerate(TASKS)}
     totals = {"generate": 0.0, "reward": 0.0, "score": 0.0, "backward": 0.0, "tokens": 0, "completions": 0}
@@ -869,6 +871,7 @@ def train_grpo(
         from pallm.evaluate.metrics import classification_metrics
         from pallm.evaluate.predict import predict
 
+        rec = None
         if main:
             was_training = policy.training
             preds = predict(policy, processor, dev_rows, "classify", prompt_cfg, labels, batch_size=cfg.eval_batch_size,
@@ -878,6 +881,8 @@ def train_grpo(
             dev_curve.append(rec)
             logger.log(at, {k: v for k, v in rec.items() if k != "step"}, kind="dev")
         accelerator.wait_for_everyone()
+        if best is not None:
+            best.update(accelerator, policy, processor, {**meta, "step": at}, rec)
 
     window: dict[str, list[float]] = {}
     last_saved = step
@@ -944,7 +949,7 @@ def train_grpo(
             "processes": world,
             "dev_curve": dev_curve,
         }
-        return finish_run(accelerator, policy, processor, out, meta, summary, ("dev_curve", "final"))
+        return finish_run(accelerator, policy, processor, out, meta, summary, ("dev_curve", "final"), best=best)
     finally:
         logger.close()
 

@@ -30,6 +30,7 @@ from pallm.model.build import PALLM_META_FILE
 from pallm.prompts.format import PromptConfig, label_set
 from pallm.train.common import (
     AudioCache,
+    BestModelFields,
     LoraSettings,
     RunLogger,
     apply_lora,
@@ -67,7 +68,7 @@ from pallm.train.examples import (
 ProgressFn = Callable[[int, int, dict], None]
 
 
-class SFTConfig(BaseModel):
+class SFTConfig(BestModelFields):
     """Stage-1 settings (`sft:` section). Defaults: a tiny-model run that learns in ~2 minutes on
     one CPU thread (see docs/training.md for the measurements behind them)."""
 
@@ -258,6 +259,7 @@ def train_sft(
 
     logger = RunLogger(out, enabled=main, resume_step=step)
     dev_curve = read_dev_curve(out, step) if (main and resume is not None) else []
+    best = cfg.best_model_tracker(out, step if resume is not None else None)
     device = accelerator.device
     g = cfg.batch_size * world  # examples per micro-batch over all processes
     task_ids = {"classify": 0, "respond": 1}
@@ -269,6 +271,7 @@ def train_sft(
         from pallm.evaluate.metrics import classification_metrics
         from pallm.evaluate.predict import predict
 
+        rec = None
         if main:
             net = accelerator.unwrap_model(model)
             preds = predict(net, processor, dev_rows, "classify", prompt_cfg, labels, batch_size=cfg.eval_batch_size,
@@ -278,6 +281,8 @@ def train_sft(
             logger.log(at, {k: v for k, v in rec.items() if k != "step"}, kind="dev")
             model.train()
         accelerator.wait_for_everyone()
+        if best is not None:
+            best.update(accelerator, model, processor, {**meta, "step": at}, rec)
 
     try:
         with warnings.catch_warnings():
@@ -366,7 +371,7 @@ def train_sft(
             "dev_curve": dev_curve,
             "audio_cache_mb": round(cache.nbytes / 2**20, 1),
         }
-        return finish_run(accelerator, model, processor, out, meta, summary)
+        return finish_run(accelerator, model, processor, out, meta, summary, best=best)
     finally:
         logger.close()
 

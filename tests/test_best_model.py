@@ -1,0 +1,123 @@
+"""Publishing the best-on-dev model (`load_best_model_at_end`, transformers' names): the tracker
+on its own with a real tiny model, and a short stage-1 run that uses it end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from pallm.errors import PallmError
+from pallm.model import ModelSpec, read_pallm_meta
+from pallm.model.build import build_tiny
+from pallm.prompts.format import PromptConfig
+from pallm.train import SFTConfig, train_sft
+from pallm.train.common import BEST_MODEL_DIR, BestModel, list_checkpoints, make_accelerator
+from pallm.train.grpo import GRPOConfig
+
+from helpers import synth_corpus_random_cues
+
+SPEC = ModelSpec(max_audio_seconds=2)
+MARK = "audio_tower.conv1.bias"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_tiny(["the voice sounds happy", "negative neutral positive"] * 5)
+    return model, processor
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def mark(model, value: float) -> None:
+    """Make the model identifiable: one bias set to `value`."""
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith(MARK)).fill_(value)
+
+
+def marked(folder: Path) -> float:
+    w = weights(folder)
+    return float(next(v for k, v in w.items() if k.endswith(MARK)).flatten()[0])
+
+
+def test_publishes_the_best_step_not_the_last(tiny, tmp_path):
+    model, processor = tiny
+    acc = make_accelerator(1, "no")
+    best = BestModel(tmp_path, "ua", greater_is_better=True, final_step=40)
+    meta = {"stage": "sft"}
+    for step, ua in ((10, 0.5), (20, 0.7), (30, 0.7), (40, 0.4)):  # 30 ties 20: the earlier stays
+        mark(model, float(step))
+        best.update(acc, model, processor, {**meta, "step": step}, {"step": step, "ua": ua})
+    assert best.record() == {"step": 20, "metric": "ua", "value": 0.7}
+    assert marked(tmp_path / BEST_MODEL_DIR) == 20.0
+    best.publish(acc, model, processor, tmp_path, {**meta, "summary": {"steps": 40}})
+    assert marked(tmp_path) == 20.0  # the live model (step 40) is not what was published
+    pub = read_pallm_meta(tmp_path)
+    assert pub["step"] == 20 and pub["best_model"]["value"] == 0.7 and pub["summary"] == {"steps": 40}
+    assert not (tmp_path / BEST_MODEL_DIR).exists()
+
+
+def test_last_step_best_publishes_the_live_model(tiny, tmp_path):
+    model, processor = tiny
+    acc = make_accelerator(1, "no")
+    best = BestModel(tmp_path, "follows_words_rate", greater_is_better=False, final_step=20)
+    mark(model, 1.0)
+    best.update(acc, model, processor, {"step": 10}, {"step": 10, "follows_words_rate": 0.6})
+    mark(model, 2.0)
+    assert best.update(acc, model, processor, {"step": 20}, {"step": 20, "follows_words_rate": 0.3})  # lower is better
+    best.publish(acc, model, processor, tmp_path, {"summary": {}})
+    assert marked(tmp_path) == 2.0 and best.step == 20 and not (tmp_path / BEST_MODEL_DIR).exists()
+
+
+def test_missing_metric_is_a_clear_error(tiny, tmp_path):
+    model, processor = tiny
+    best = BestModel(tmp_path, "ua_conflict", greater_is_better=True, final_step=10)
+    with pytest.raises(PallmError, match="ua_conflict.*congruent"):
+        best.update(make_accelerator(1, "no"), model, processor, {}, {"step": 5, "ua": 0.5, "ua_conflict": None})
+
+
+def test_resume_keeps_an_earlier_best_only(tiny, tmp_path):
+    model, processor = tiny
+    acc = make_accelerator(1, "no")
+    BestModel(tmp_path, "ua", True, final_step=100).update(acc, model, processor, {}, {"step": 50, "ua": 0.8})
+    assert BestModel(tmp_path, "ua", True, 100, resume_step=60).record()["value"] == 0.8
+    assert BestModel(tmp_path, "ua", True, 100, resume_step=40).step is None  # saved after the checkpoint: found again
+    assert BestModel(tmp_path, "parse_rate", True, 100, resume_step=60).step is None  # another metric
+
+
+def test_needs_a_dev_evaluation():
+    with pytest.raises(ValidationError, match="eval_every"):
+        SFTConfig(load_best_model_at_end=True, eval_every=0)
+    with pytest.raises(ValidationError, match="eval_every"):
+        GRPOConfig(load_best_model_at_end=True, eval_every=0)
+    with pytest.raises(ValidationError):
+        GRPOConfig(metric_for_best_model="loss")
+    assert GRPOConfig(metric_for_best_model="follows_words_rate").best_is_greater is False
+    assert SFTConfig(metric_for_best_model="ua_conflict").best_is_greater is True
+
+
+def test_sft_run_publishes_its_best_dev_checkpoint(tmp_path):
+    corpus = synth_corpus_random_cues(tmp_path / "ps", n=48, workers=2)
+    cfg = SFTConfig(steps=12, batch_size=4, lr=3e-3, warmup_ratio=0.0, log_every=1, save_every=4, keep_checkpoints=3,
+                    eval_every=4, eval_rows=8, eval_max_new_tokens=8, threads=1, load_best_model_at_end=True,
+                    metric_for_best_model="parse_rate")
+    out = tmp_path / "run"
+    summary = train_sft(cfg, SPEC, PromptConfig(), corpus, out)
+    curve = summary["dev_curve"]
+    assert [d["step"] for d in curve] == [4, 8, 12]
+    top = max(d["parse_rate"] for d in curve)
+    want = next(d["step"] for d in curve if d["parse_rate"] == top)  # the earliest best
+    assert summary["best_model"] == {"step": want, "metric": "parse_rate", "value": top}
+    assert read_pallm_meta(out)["step"] == want
+    ckpts = dict(list_checkpoints(out))  # step checkpoints hold the same weights the run had then
+    ref = weights(ckpts[want])
+    got = weights(out)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert json.loads((out / "train_summary.json").read_text())["best_model"]["step"] == want
+    assert not (out / BEST_MODEL_DIR).exists()
