@@ -4,6 +4,8 @@
     python benchmarks/stage2_vs_stage1.py grpo.conflict_share=0.5 --seeds 0 --out runs/s2
     python benchmarks/stage2_vs_stage1.py --style-strength 1.0 --out runs/s2_hard   # the harder corpus
     python benchmarks/stage2_vs_stage1.py prompt.speaker_reference=true --out runs/ref  # both stages hear a reference
+    python benchmarks/stage2_vs_stage1.py --select-best sft.keep_checkpoints=8 sft.eval_rows=300 \
+        grpo.keep_checkpoints=9 grpo.eval_rows=300 --out runs/sel    # + dev-best checkpoints compared
 
 Per seed (the run seed and the tiny model's init seed: initial weights, data order, sampling):
 
@@ -76,6 +78,24 @@ def by_emotion(model_dir: Path, emotion: dict[str, tuple[str, str]]) -> dict[str
     return {e: statistics.fmean(v) for e, v in sorted(hits.items())}
 
 
+def dev_best(run: Path) -> Path:
+    """The model `load_best_model_at_end` would publish: the step with the best dev UA (the
+    earliest of ties), read off the run's dev curve; the run folder when that is the last step."""
+    summary = json.loads((run / "train_summary.json").read_text())
+    curve = summary["dev_curve"]
+    if not curve:
+        sys.exit(f"{run}: no dev evaluation; --select-best needs eval_every > 0")
+    top = max(d["ua"] for d in curve)
+    step = next(d["step"] for d in curve if d["ua"] == top)
+    if step == summary["steps"]:
+        return run
+    ckpt = run / "checkpoints" / f"step-{step}"
+    if not ckpt.exists():
+        sys.exit(f"{ckpt}: not kept; --select-best needs every evaluated step kept "
+                 "(e.g. sft.keep_checkpoints=8 grpo.keep_checkpoints=9)")
+    return ckpt
+
+
 def train(kind: str, out: Path, seed: int, extra: list[str], init: Path | None = None) -> None:
     if (out / "train_summary.json").exists():
         return
@@ -98,6 +118,10 @@ def main() -> None:
                     help="start both stage-1 runs from this checkpoint instead of a fresh tiny model; "
                          "{seed} is replaced by the seed (e.g. runs/warm/seed{seed})")
     ap.add_argument("--skip-single", action="store_true", help="no classification-only run (and no multi vs single check)")
+    ap.add_argument("--select-best", action="store_true",
+                    help="also compare the dev-best checkpoints of the budget-matched stage 1 and of stage 2 (what "
+                         "load_best_model_at_end publishes); keep every evaluated checkpoint and use a larger dev "
+                         "set, e.g. sft.keep_checkpoints=8 sft.eval_rows=300 grpo.keep_checkpoints=9 grpo.eval_rows=300")
     ap.add_argument("overrides", nargs="*",
                     help="config overrides: grpo.* go to both stage-2 runs, anything else (e.g. "
                          "prompt.speaker_reference=true) to every run, stage 1 included")
@@ -112,6 +136,8 @@ def main() -> None:
     voices = test_voices(corpus)
     kinds = ("sft", "sft_long", "grpo") if a.skip_single else ("sft", "sft_long", "grpo", "grpo_single")
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+    if a.select_best:  # the start (sft) stays the last step: stage 2 starts from it either way
+        rows.update({f"{k}@best": [] for k in kinds if k != "sft"})
     for seed in a.seeds:
         d = a.out / f"seed{seed}"
         d.mkdir(parents=True, exist_ok=True)
@@ -126,10 +152,12 @@ def main() -> None:
             train("grpo", d / "grpo_single", seed, [*grpo, "grpo.task_weights.classify=1", "grpo.task_weights.respond=0"],
                   init=d / "sft")
         for k in rows:
-            rows[k].append(ua(d / k, corpus))
+            model = dev_best(d / k.removesuffix("@best")) if k.endswith("@best") else d / k
+            rows[k].append(ua(model, corpus))
             r = rows[k][-1]
-            emo = "  ".join(f"{e} {v:.2f}" for e, v in by_emotion(d / k, voices).items())
-            print(f"seed {seed} {k:12s} UA all {r['all']:.3f}  congruent {r['congruent']:.3f}  conflict {r['conflict']:.3f}"
+            emo = "  ".join(f"{e} {v:.2f}" for e, v in by_emotion(model, voices).items())
+            at = f" (step {model.name.removeprefix('step-')})" if model.name.startswith("step-") else ""
+            print(f"seed {seed} {k + at:12s} UA all {r['all']:.3f}  congruent {r['congruent']:.3f}  conflict {r['conflict']:.3f}"
                   f"  | recall by voice: {emo}", flush=True)
 
     def mean(k: str, s: str) -> float:
@@ -144,18 +172,26 @@ def main() -> None:
              "grpo": f"SFT {a.sft_steps} + GRPO {a.grpo_steps}", "grpo_single": f"SFT {a.sft_steps} + GRPO {a.grpo_steps}"}
     for k in rows:
         cells = " | ".join(f"{mean(k, s):.3f} ({sd(k, s):.3f})" for s in ("all", "congruent", "conflict"))
-        print(f"| {k} | {steps[k]} | {cells} |")
-    gain = 100 * (mean("grpo", "conflict") - mean("sft_long", "conflict"))
-    loss = 100 * (mean("sft_long", "congruent") - mean("grpo", "congruent"))
-    vs_start = 100 * (mean("grpo", "conflict") - mean("sft", "conflict"))
+        print(f"| {k} | {steps[k.removesuffix('@best')]} | {cells} |")
+    checks(mean, "", a.skip_single, a.sft_steps)
+    if a.select_best:
+        print("\nthe same, dev-best checkpoints of the budget-matched stage 1 and of stage 2:")
+        checks(mean, "@best", a.skip_single, a.sft_steps)
+
+
+def checks(mean, tag: str, skip_single: bool, sft_steps: int) -> None:
+    """The issue's three checks on the means; `tag` "@best" reads the dev-selected models."""
+    grpo, long, single = f"grpo{tag}", f"sft_long{tag}", f"grpo_single{tag}"
+    gain = 100 * (mean(grpo, "conflict") - mean(long, "conflict"))
+    loss = 100 * (mean(long, "congruent") - mean(grpo, "congruent"))
+    vs_start = 100 * (mean(grpo, "conflict") - mean("sft", "conflict"))
     print(f"\nconflict gain over budget-matched stage 1: {gain:+.1f} points (need >= +8): {'PASS' if gain >= 8 else 'FAIL'}")
     print(f"congruent loss vs budget-matched stage 1: {loss:+.1f} points (need <= 2): {'PASS' if loss <= 2 else 'FAIL'}")
-    if not a.skip_single:
-        vs_single = 100 * (mean("grpo", "all") - mean("grpo_single", "all"))
+    if not skip_single:
+        vs_single = 100 * (mean(grpo, "all") - mean(single, "all"))
         print(f"multi-task minus single-task RL, UA all: {vs_single:+.1f} points (need >= 0): "
               f"{'PASS' if vs_single >= 0 else 'FAIL'}")
-    print(f"(conflict gain over stage 2's own starting point, SFT {a.sft_steps}: {vs_start:+.1f} points)")
-
+    print(f"(conflict gain over stage 2's own starting point, SFT {sft_steps}: {vs_start:+.1f} points)")
 
 if __name__ == "__main__":
     main()
