@@ -252,6 +252,16 @@ def _finished(stage_dir: Path) -> bool:
     return (stage_dir / "pallm.json").exists() and (stage_dir / "train_summary.json").exists()
 
 
+def _published_step(stage_dir: Path) -> str:
+    """A sentence for the report when load_best_model_at_end picked the published model."""
+    summary = json.loads((stage_dir / "train_summary.json").read_text(encoding="utf-8"))
+    best = summary.get("best_model")
+    if not best:
+        return ""
+    which = "the last step" if best["step"] == summary["steps"] else f"step {best['step']}, not the last step"
+    return f" Published: the dev-best model ({which}; dev {best['metric']} {best['value']:.3f})."
+
+
 def _examples(preds, rows: list[Row], k: int) -> list[dict[str, Any]]:
     """A few outputs to read: half congruent, half conflict, right and wrong mixed."""
     by_id = {r.id: r for r in rows}
@@ -554,7 +564,8 @@ def run_pipeline(cfg: RunConfig, out: Path, say: Say, progress_factory, overwrit
         if "sft" in cfg.stages:
             sft_run("stage 1 (SFT)", out / "sft", cfg.prompt, cfg.sft, corpus)
             main_rows["SFT (stage 1)"] = (out / "sft", "sft", "sft", test)
-            descriptions["SFT (stage 1)"] = f"stage 1: SFT, {cfg.sft.steps} steps x {cfg.sft.batch_size * cfg.sft.grad_accum}."
+            descriptions["SFT (stage 1)"] = (f"stage 1: SFT, {cfg.sft.steps} steps x {cfg.sft.batch_size * cfg.sft.grad_accum}."
+                                             + _published_step(out / "sft"))
             _train_curves(out / "sft", out, curves, "sft")
         if "single_task_rl" in cfg.ablations:
             name = ROW_NAMES["single_task_rl"]
@@ -577,7 +588,8 @@ def run_pipeline(cfg: RunConfig, out: Path, say: Say, progress_factory, overwrit
             grpo_run("stage 2 (GRPO)", out / "grpo", g, init)
             main_rows["PALLM (SFT + GRPO)"] = (out / "grpo", "pallm", "pallm", test)
             descriptions["PALLM (SFT + GRPO)"] = (f"stage 2: multi-task GRPO from stage 1, {g.steps} steps x "
-                                                  f"{g.per_device_batch_size} prompts x {g.num_generations} completions.")
+                                                  f"{g.per_device_batch_size} prompts x {g.num_generations} completions."
+                                                  + _published_step(out / "grpo"))
             _train_curves(out / "grpo", out, curves, "grpo")
         wait_beside()
     finally:

@@ -121,3 +121,13 @@ def test_sft_run_publishes_its_best_dev_checkpoint(tmp_path):
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     assert json.loads((out / "train_summary.json").read_text())["best_model"]["step"] == want
     assert not (out / BEST_MODEL_DIR).exists()
+
+
+def test_report_says_which_step_was_published(tmp_path):
+    from pallm.pipeline import _published_step
+
+    (tmp_path / "train_summary.json").write_text(json.dumps({"steps": 400, "best_model": None}))
+    assert _published_step(tmp_path) == ""
+    (tmp_path / "train_summary.json").write_text(
+        json.dumps({"steps": 400, "best_model": {"step": 250, "metric": "ua", "value": 0.71}}))
+    assert "step 250, not the last step; dev ua 0.710" in _published_step(tmp_path)
