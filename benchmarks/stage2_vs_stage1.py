@@ -193,5 +193,6 @@ def checks(mean, tag: str, skip_single: bool, sft_steps: int) -> None:
               f"{'PASS' if vs_single >= 0 else 'FAIL'}")
     print(f"(conflict gain over stage 2's own starting point, SFT {sft_steps}: {vs_start:+.1f} points)")
 
+
 if __name__ == "__main__":
     main()

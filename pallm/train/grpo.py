@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from pallm.data.manifest import Row, manifest_path, read_manifest
 from pallm.errors import ConfigError, PallmError
