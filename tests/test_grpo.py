@@ -386,7 +386,7 @@ def test_exact_resume_and_final_checkpoint(tiny, corpus, tmp_path):
     """Interrupted after the step-2 checkpoint and resumed = one uninterrupted run, bit for bit
     (weights, logged rewards/losses), with every stateful feature on."""
     cfg = small(steps=6, save_every=2, beta=0.05, num_iterations=2, dynamic_sampling=True, oversample_hard=0.3,
-                scale_rewards="batch", ptx_coef=0.5, ptx_batch_size=2, reward_funcs=["format", "sentiment_accuracy", "hash"], reward_weights=[0.5, 1.0, 1.0])
+                scale_rewards="batch", class_balance=1.0, ptx_coef=0.5, ptx_batch_size=2, reward_funcs=["format", "sentiment_accuracy", "hash"], reward_weights=[0.5, 1.0, 1.0])
     fns = {"hash": text_hash_reward}
     whole = train_grpo(cfg, PromptConfig(), corpus, (copy.deepcopy(tiny[0]), tiny[1]), tmp_path / "A", reward_fns=fns)
 
@@ -537,6 +537,51 @@ def test_conflict_share_draws_conflict_rows_as_classify_prompts(corpus):
     base = len(conflict) / len(rows) * 0.5  # the stream alone: conflict rows, half of them as classify
     assert share(0.0) == pytest.approx(base, abs=0.04)
     assert share(0.6) == pytest.approx(0.6 + 0.4 * base, abs=0.04)
+
+
+def test_class_recall_weights_the_class_being_lost():
+    from pallm.train.examples import Example
+    from pallm.train.grpo import ClassRecall
+
+    rows = [Row(id=f"r{i}", audio="x.wav", corpus="toy", speaker="s", split="train", sentiment=s, emotion=e)
+            for i, (s, e) in enumerate([("negative", "angry"), ("positive", "happy"), ("negative", "sad"), ("neutral", None)])]
+    tracker = ClassRecall(rows, PromptConfig(), strength=1.0, momentum=0.5)
+    assert tracker.class_weights() == {} and tracker.group_weights([Example(rows[0], "classify", "", "")]) == [1.0]
+    tracker.update([("r0", 0.2), ("r1", 1.0), ("r3", 0.5), ("unknown", 0.0)])
+    tracker.update([("r0", 0.0)])  # EMA: 0.5 * 0.2 + 0.5 * 0.0
+    assert tracker.recall == pytest.approx({"angry": 0.1, "happy": 1.0, "neutral": 0.5})  # no emotion: the gold label
+    w = tracker.class_weights()
+    assert sum(w.values()) / 3 == pytest.approx(1.0)
+    assert w["angry"] == pytest.approx(10 * w["happy"]) and w["neutral"] == pytest.approx(2 * w["happy"])
+    ex = [Example(rows[0], "classify", "", ""), Example(rows[0], "respond", "", ""), Example(rows[2], "classify", "", "")]
+    assert tracker.group_weights(ex) == [pytest.approx(w["angry"]), 1.0, 1.0]  # respond, and a class not seen yet: 1
+
+    tracker.update([("r0", 0.0)] * 20)
+    assert tracker.class_weights()["angry"] == pytest.approx(3 * (1 / 0.05) / (1 / 0.05 + 1 + 2))  # floored at 0.05
+    twin = ClassRecall(rows, PromptConfig(), strength=1.0)
+    twin.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    assert twin.recall == tracker.recall
+    off = ClassRecall(rows, PromptConfig(), strength=0.0)
+    off.load_state_dict(tracker.state_dict())
+    assert off.class_weights() == {} and "classify/recall/angry" in off.stats()  # tracked and logged, not applied
+
+
+def test_class_balance_changes_the_updates_once_recall_differs(answering, corpus, tmp_path):
+    """The first round has no recall yet (weights 1): the same update; later rounds weight the
+    groups, so the runs part."""
+    runs = {}
+    for strength in (0.0, 2.0):
+        model = copy.deepcopy(answering[0])
+        cfg = small(steps=4, learning_rate=5e-4, max_completion_length=6, task_weights={"classify": 1.0},
+                    reward_funcs=["sentiment_accuracy"], class_balance=strength)
+        train_grpo(cfg, PromptConfig(), corpus, (model, answering[1]), tmp_path / f"b{strength}")
+        runs[strength] = (log_records(tmp_path / f"b{strength}"), model.state_dict())
+    (plain, w0), (balanced, w2) = runs[0.0], runs[2.0]
+    assert plain[0]["loss"] == balanced[0]["loss"]
+    assert any(k.startswith("classify/recall/") for k in plain[0]) and not any("class_weight" in k for k in plain[-1])
+    weights = [v for k, v in balanced[-1].items() if k.startswith("classify/class_weight/")]
+    assert len(weights) >= 2 and max(weights) > min(weights)
+    assert any(not torch.equal(w0[k], w2[k]) for k in w0)
 
 
 def test_transcript_dropout_hides_the_words_and_tells_the_rewards(corpus):

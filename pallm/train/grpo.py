@@ -136,6 +136,10 @@ class GRPOConfig(BestModelFields):
     # RL moves the model off the words. 0 = off.
     ptx_coef: float = Field(0.0, ge=0.0)
     ptx_batch_size: int = Field(8, ge=1, description="stage-1 examples per process per optimizer step")
+    # Weight each classify group's advantages by (1 / running recall of its voice class)^class_balance,
+    # normalised to mean 1 over the classes: a class the policy is losing keeps its share of the
+    # gradient instead of being outvoted (on ParaSynth, angry voices answered like happy ones). 0 = off.
+    class_balance: float = Field(0.0, ge=0.0)
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0 = only the final model)")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
@@ -179,7 +183,7 @@ _RESUME_KEYS = ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
                 "epsilon", "epsilon_high", "loss_type", "scale_rewards", "num_iterations", "reward_funcs", "reward_weights",
                 "multi_objective_aggregation", "task_weights", "dynamic_sampling", "dynamic_sampling_max_tries",
                 "oversample_hard", "conflict_share", "transcript_dropout", "mixed_precision", "lora", "freeze_audio_encoder", "ptx_coef",
-                "ptx_batch_size")
+                "ptx_batch_size", "class_balance")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -451,6 +455,54 @@ class PromptSampler:
         self.rng.bit_generator.state = s["rng"]
 
 
+class ClassRecall:
+    """Running accuracy of classify groups per voice class (the row's emotion, else its gold label),
+    from every process's rollouts, and the advantage weight of each class under `class_balance`.
+
+    Recall is an exponential moving average over groups (`momentum` per group of that class), and
+    the weights come from rollouts already made, so they are the same on every process and causal.
+    A recall below `floor` counts as `floor` (the weight of a class then stops growing)."""
+
+    def __init__(self, rows: Sequence[Row], prompt_cfg: PromptConfig, strength: float,
+                 momentum: float = 0.1, floor: float = 0.05):
+        self.classes = {r.id: r.emotion or gold(r, prompt_cfg) for r in rows}
+        self.strength, self.momentum, self.floor = strength, momentum, floor
+        self.recall: dict[str, float] = {}
+
+    def update(self, results: Sequence[tuple[str, float]]) -> None:
+        """(row id, accuracy of its group) for classify groups, in the same order on every process."""
+        for rid, acc in results:
+            c = self.classes.get(rid)
+            if c is None:
+                continue
+            old = self.recall.get(c)
+            self.recall[c] = acc if old is None else (1 - self.momentum) * old + self.momentum * acc
+
+    def class_weights(self) -> dict[str, float]:
+        if not self.strength or not self.recall:
+            return {}
+        raw = {c: max(r, self.floor) ** -self.strength for c, r in self.recall.items()}
+        mean = sum(raw.values()) / len(raw)
+        return {c: v / mean for c, v in raw.items()}
+
+    def group_weights(self, examples: Sequence[Example]) -> list[float]:
+        """One weight per group: its class's weight for classify prompts, 1 otherwise (and for a class
+        not seen yet)."""
+        w = self.class_weights()
+        return [w.get(self.classes.get(e.row.id, ""), 1.0) if e.task == "classify" else 1.0 for e in examples]
+
+    def stats(self) -> dict[str, float]:
+        w = self.class_weights()
+        return {**{f"classify/recall/{c}": r for c, r in sorted(self.recall.items())},
+                **{f"classify/class_weight/{c}": v for c, v in sorted(w.items())}}
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.recall)
+
+    def load_state_dict(self, s: dict[str, float]) -> None:
+        self.recall = {k: float(v) for k, v in s.items()}
+
+
 # --- one generation batch ---------------------------------------------------------------------------
 
 
@@ -579,6 +631,7 @@ def train_grpo(
     stream = ExampleStream(train_rows, weights, prompt_cfg, labels, seed)
     sampler = PromptSampler(stream, train_rows, prompt_cfg, labels, cfg.oversample_hard, seed, cfg.conflict_share,
                             cfg.transcript_dropout)
+    class_recall = ClassRecall(train_rows, prompt_cfg, cfg.class_balance)
     # Its own stream (another seed), read at a position that is a function of the step: resumes exactly.
     ptx_stream = ExampleStream(train_rows, weights, prompt_cfg, labels, seed + 1) if cfg.ptx_coef > 0 else None
 
@@ -645,6 +698,7 @@ def train_grpo(
         state = load_training_checkpoint(accelerator, resume[1])
         step = int(state["step"])
         sampler.load_state_dict(state["sampler"])
+        class_recall.load_state_dict(state.get("class_recall", {}))
         rollout.sync_weights(policy)
     else:
         # Different sampling noise per process (the same stream would correlate the groups).
@@ -728,7 +782,7 @@ def train_grpo(
         adv, total, zero_var = compute_advantages(everyone, w_rewards, G, cfg.scale_rewards, cfg.multi_objective_aggregation)
         mine = adv[rank * len(local):(rank + 1) * len(local)].split(B * G)
         for m, a in zip(micro, mine):
-            m.advantages = a
+            m.advantages = a * torch.tensor(class_recall.group_weights(m.examples)).repeat_interleave(G)
 
         # Old log-probs (num_iterations > 1) and the reference's, before any update of this round.
         t0 = time.perf_counter()
@@ -747,7 +801,10 @@ def train_grpo(
         t["score"] = time.perf_counter() - t0
 
         stats, results = rollout_stats(micro, total, zero_var, zero_first, refilled)
-        sampler.update(_gather_objects(accelerator, results))  # every process updates the same pool
+        results = _gather_objects(accelerator, results)
+        sampler.update(results)  # every process updates the same pool
+        class_recall.update(results)
+        stats.update(class_recall.stats())
         stats.update({f"time/{k}": v for k, v in t.items()})
         return micro, stats
 
@@ -922,7 +979,8 @@ def train_grpo(
             # then needs saving besides what accelerate saves (weights, optimizer, scheduler, RNGs).
             if cfg.save_every and step // cfg.save_every > last_saved // cfg.save_every:
                 save_training_checkpoint(accelerator, policy, processor, out, step, {**meta, "step": step},
-                                         {"steps": cfg.steps, "sampler": sampler.state_dict(), "fingerprint": fingerprint},
+                                         {"steps": cfg.steps, "sampler": sampler.state_dict(), "class_recall": class_recall.state_dict(),
+                                          "fingerprint": fingerprint},
                                          keep=cfg.keep_checkpoints)
                 last_saved = step
 
@@ -960,6 +1018,7 @@ def _nanmean(x: torch.Tensor) -> float | None:
 
 
 __all__ = [
+    "ClassRecall",
     "GRPOConfig",
     "MicroBatch",
     "PolicyScorer",
