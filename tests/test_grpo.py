@@ -483,7 +483,8 @@ def hashed(prompts, completions, **kw):
 model, proc = build_tiny(tokenizer_texts(read_manifest(corpus), PromptConfig()))
 cfg = GRPOConfig(steps=2, per_device_batch_size=2, num_generations=4, max_completion_length=8, save_every=1, eval_every=1,
                  eval_rows=2, load_best_model_at_end=True, metric_for_best_model="parse_rate",
-                 scale_rewards="batch", learning_rate=1e-3, reward_funcs=["hashed"], ptx_coef=0.5, ptx_batch_size=2)
+                 scale_rewards="batch", learning_rate=1e-3, reward_funcs=["hashed"], ptx_coef=0.5, ptx_batch_size=2,
+                 class_balance=1.0)
 s = train_grpo(cfg, PromptConfig(), corpus, (model, proc), out, reward_fns={"hashed": hashed})
 h = hashlib.sha1(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
 json.dump({"hash": h, "first_rewards": calls[0], "summary": s}, open(os.path.join(out, f"rank{rank}.json"), "w"))
