@@ -78,15 +78,19 @@ def by_emotion(model_dir: Path, emotion: dict[str, tuple[str, str]]) -> dict[str
     return {e: statistics.fmean(v) for e, v in sorted(hits.items())}
 
 
-def dev_best(run: Path) -> Path:
-    """The model `load_best_model_at_end` would publish: the step with the best dev UA (the
+def dev_best(run: Path, metric: str = "ua") -> Path:
+    """The model `load_best_model_at_end` would publish: the step with the best dev `metric` (the
     earliest of ties), read off the run's dev curve; the run folder when that is the last step."""
     summary = json.loads((run / "train_summary.json").read_text())
     curve = summary["dev_curve"]
     if not curve:
         sys.exit(f"{run}: no dev evaluation; --select-best needs eval_every > 0")
-    top = max(d["ua"] for d in curve)
-    step = next(d["step"] for d in curve if d["ua"] == top)
+    if any(d.get(metric) is None for d in curve):
+        sys.exit(f"{run}: {metric} is not in the dev curve (pallm's dev records: ua, ua_congruent, ua_conflict, "
+                 "parse_rate, follows_words_rate, worst_emotion_accuracy)")
+    sign = -1 if metric == "follows_words_rate" else 1
+    top = max(sign * d[metric] for d in curve)
+    step = next(d["step"] for d in curve if sign * d[metric] == top)
     if step == summary["steps"]:
         return run
     ckpt = run / "checkpoints" / f"step-{step}"
@@ -122,6 +126,8 @@ def main() -> None:
                     help="also compare the dev-best checkpoints of the budget-matched stage 1 and of stage 2 (what "
                          "load_best_model_at_end publishes); keep every evaluated checkpoint and use a larger dev "
                          "set, e.g. sft.keep_checkpoints=8 sft.eval_rows=300 grpo.keep_checkpoints=9 grpo.eval_rows=300")
+    ap.add_argument("--select-metric", default="ua",
+                    help="dev metric for --select-best (metric_for_best_model), e.g. worst_emotion_accuracy")
     ap.add_argument("overrides", nargs="*",
                     help="config overrides: grpo.* go to both stage-2 runs, anything else (e.g. "
                          "prompt.speaker_reference=true) to every run, stage 1 included")
@@ -152,7 +158,7 @@ def main() -> None:
             train("grpo", d / "grpo_single", seed, [*grpo, "grpo.task_weights.classify=1", "grpo.task_weights.respond=0"],
                   init=d / "sft")
         for k in rows:
-            model = dev_best(d / k.removesuffix("@best")) if k.endswith("@best") else d / k
+            model = dev_best(d / k.removesuffix("@best"), a.select_metric) if k.endswith("@best") else d / k
             rows[k].append(ua(model, corpus))
             r = rows[k][-1]
             emo = "  ".join(f"{e} {v:.2f}" for e, v in by_emotion(model, voices).items())

@@ -16,7 +16,7 @@ from pallm.model import ModelSpec, read_pallm_meta
 from pallm.model.build import build_tiny
 from pallm.prompts.format import PromptConfig
 from pallm.train import SFTConfig, train_sft
-from pallm.train.common import BEST_MODEL_DIR, BestModel, list_checkpoints, make_accelerator
+from pallm.train.common import BEST_MODEL_DIR, BestModel, dev_record, list_checkpoints, make_accelerator
 from pallm.train.grpo import GRPOConfig
 
 from helpers import synth_corpus_random_cues
@@ -80,6 +80,29 @@ def test_missing_metric_is_a_clear_error(tiny, tmp_path):
     best = BestModel(tmp_path, "ua_conflict", greater_is_better=True, final_step=10)
     with pytest.raises(PallmError, match="ua_conflict.*congruent"):
         best.update(make_accelerator(1, "no"), model, processor, {}, {"step": 5, "ua": 0.5, "ua_conflict": None})
+
+
+def test_worst_emotion_accuracy_sees_one_collapsing_voice(tiny, tmp_path):
+    """UA can rise while one voice emotion collapses; the worst-emotion metric prefers the step
+    where no emotion is lost."""
+    def metrics(ua, angry, happy):
+        return {"subsets": {"all": {"ua": ua, "parse_rate": 1.0},
+                            "emotion:angry": {"n": 50, "accuracy": angry, "parse_rate": 1.0},
+                            "emotion:happy": {"n": 50, "accuracy": happy, "parse_rate": 1.0}}}
+
+    early, late = dev_record(10, metrics(0.70, 0.60, 0.65)), dev_record(20, metrics(0.75, 0.30, 0.95))
+    assert early["worst_emotion_accuracy"] == 0.60 and late["worst_emotion_accuracy"] == 0.30
+    model, processor = tiny
+    acc = make_accelerator(1, "no")
+    by_ua, by_worst = (BestModel(tmp_path / m, m, True, final_step=20) for m in ("ua", "worst_emotion_accuracy"))
+    for rec in (early, late):
+        by_ua.update(acc, model, processor, {}, rec)
+        by_worst.update(acc, model, processor, {}, rec)
+    assert by_ua.step == 20 and by_worst.step == 10
+    no_emotion = dev_record(5, {"subsets": {"all": {"ua": 0.5, "parse_rate": 1.0}}})
+    assert "worst_emotion_accuracy" not in no_emotion
+    with pytest.raises(PallmError, match="worst_emotion_accuracy.*emotion"):
+        BestModel(tmp_path / "x", "worst_emotion_accuracy", True, 10).update(acc, model, processor, {}, no_emotion)
 
 
 def test_resume_keeps_an_earlier_best_only(tiny, tmp_path):

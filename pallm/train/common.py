@@ -50,7 +50,7 @@ LOGS_DIR = "logs"
 TRAIN_LOG = "train_log.jsonl"
 BEST_MODEL_DIR = "best"  # the best-on-dev model so far (load_best_model_at_end)
 # Keys of a dev record (`dev_record`) a run can select its published model by.
-DevMetric = Literal["ua", "ua_congruent", "ua_conflict", "parse_rate", "follows_words_rate"]
+DevMetric = Literal["ua", "ua_congruent", "ua_conflict", "parse_rate", "follows_words_rate", "worst_emotion_accuracy"]
 
 
 # --- process setup ---------------------------------------------------------------------------
@@ -546,7 +546,8 @@ class BestModel:
         if rec.get(self.metric) is None:
             have = ", ".join(k for k, v in rec.items() if k != "step" and v is not None)
             raise PallmError(f"metric_for_best_model={self.metric!r} is not measured on this dev set (it has: {have}); "
-                             "ua_congruent / ua_conflict need a manifest with a `congruent` field.")
+                             "ua_congruent / ua_conflict need a manifest with a `congruent` field, "
+                             "worst_emotion_accuracy one with an `emotion` field.")
         value = float(rec[self.metric])
         if self.value is not None and self.sign * value <= self.sign * self.value:
             return False  # ties keep the earlier model, as transformers does
@@ -659,6 +660,11 @@ def dev_record(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
     fw = metrics.get("follows_words_rate")
     if isinstance(fw, dict):
         rec["follows_words_rate"] = fw["rate"]
+    # The voice emotion whose clips are answered worst. UA can rise while one raised voice
+    # (angry read as positive) collapses; this is the number that sees it.
+    per_emotion = [v["accuracy"] for k, v in subsets.items() if k.startswith("emotion:")]
+    if per_emotion:
+        rec["worst_emotion_accuracy"] = min(per_emotion)
     return rec
 
 
