@@ -92,6 +92,7 @@ def test_worst_emotion_accuracy_sees_one_collapsing_voice(tiny, tmp_path):
 
     early, late = dev_record(10, metrics(0.70, 0.60, 0.65)), dev_record(20, metrics(0.75, 0.30, 0.95))
     assert early["worst_emotion_accuracy"] == 0.60 and late["worst_emotion_accuracy"] == 0.30
+    assert late["accuracy/angry"] == 0.30 and late["accuracy/happy"] == 0.95  # per-emotion dev curves
     model, processor = tiny
     acc = make_accelerator(1, "no")
     by_ua, by_worst = (BestModel(tmp_path / m, m, True, final_step=20) for m in ("ua", "worst_emotion_accuracy"))

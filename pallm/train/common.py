@@ -662,9 +662,10 @@ def dev_record(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         rec["follows_words_rate"] = fw["rate"]
     # The voice emotion whose clips are answered worst. UA can rise while one raised voice
     # (angry read as positive) collapses; this is the number that sees it.
-    per_emotion = [v["accuracy"] for k, v in subsets.items() if k.startswith("emotion:")]
+    per_emotion = {k.removeprefix("emotion:"): v["accuracy"] for k, v in subsets.items() if k.startswith("emotion:")}
     if per_emotion:
-        rec["worst_emotion_accuracy"] = min(per_emotion)
+        rec["worst_emotion_accuracy"] = min(per_emotion.values())
+        rec.update({f"accuracy/{e}": v for e, v in per_emotion.items()})
     return rec
 
 
