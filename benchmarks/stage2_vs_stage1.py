@@ -30,8 +30,10 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 from pallm.cli.stages import load_run_config
+from pallm.train.common import BestModelFields, DevMetric
 
 
 def sh(args: list[str], log: Path) -> None:
@@ -86,9 +88,8 @@ def dev_best(run: Path, metric: str = "ua") -> Path:
     if not curve:
         sys.exit(f"{run}: no dev evaluation; --select-best needs eval_every > 0")
     if any(d.get(metric) is None for d in curve):
-        sys.exit(f"{run}: {metric} is not in the dev curve (pallm's dev records: ua, ua_congruent, ua_conflict, "
-                 "parse_rate, follows_words_rate, worst_emotion_accuracy)")
-    sign = -1 if metric == "follows_words_rate" else 1
+        sys.exit(f"{run}: {metric} is not in the dev curve (made before pallm recorded it, or no such rows in dev)")
+    sign = 1 if BestModelFields(metric_for_best_model=metric).best_is_greater else -1  # the trainer's own rule
     top = max(sign * d[metric] for d in curve)
     step = next(d["step"] for d in curve if sign * d[metric] == top)
     if step == summary["steps"]:
@@ -126,7 +127,7 @@ def main() -> None:
                     help="also compare the dev-best checkpoints of the budget-matched stage 1 and of stage 2 (what "
                          "load_best_model_at_end publishes); keep every evaluated checkpoint and use a larger dev "
                          "set, e.g. sft.keep_checkpoints=8 sft.eval_rows=300 grpo.keep_checkpoints=9 grpo.eval_rows=300")
-    ap.add_argument("--select-metric", default="ua",
+    ap.add_argument("--select-metric", default="ua", choices=get_args(DevMetric),
                     help="dev metric for --select-best (metric_for_best_model), e.g. worst_emotion_accuracy")
     ap.add_argument("overrides", nargs="*",
                     help="config overrides: grpo.* go to both stage-2 runs, anything else (e.g. "
