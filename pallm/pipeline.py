@@ -253,8 +253,11 @@ def _finished(stage_dir: Path) -> bool:
 
 
 def _published_step(stage_dir: Path) -> str:
-    """A sentence for the report when load_best_model_at_end picked the published model."""
+    """A sentence for the report when load_best_model_at_end or average_last_checkpoints picked
+    the published model."""
     summary = json.loads((stage_dir / "train_summary.json").read_text(encoding="utf-8"))
+    if summary.get("averaged_steps"):
+        return f" Published: the weight average of the checkpoints of steps {', '.join(map(str, summary['averaged_steps']))}."
     best = summary.get("best_model")
     if not best:
         return ""

@@ -1,5 +1,6 @@
-"""Publishing the best-on-dev model (`load_best_model_at_end`, transformers' names): the tracker
-on its own with a real tiny model, and a short stage-1 run that uses it end to end."""
+"""Which model a run publishes: the best on dev (`load_best_model_at_end`, transformers' names) or
+the weight average of its last step checkpoints (`average_last_checkpoints`): each on its own
+with a real tiny model, and short stage-1 runs that use them end to end."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from pallm.errors import PallmError
 from pallm.model import ModelSpec, read_pallm_meta
-from pallm.model.build import build_tiny
+from pallm.model.build import average_checkpoints, build_tiny, load_pretrained, save_checkpoint
 from pallm.prompts.format import PromptConfig
 from pallm.train import SFTConfig, train_sft
 from pallm.train.common import BEST_MODEL_DIR, BestModel, dev_record, list_checkpoints, make_accelerator
@@ -155,3 +156,113 @@ def test_report_says_which_step_was_published(tmp_path):
     (tmp_path / "train_summary.json").write_text(
         json.dumps({"steps": 400, "best_model": {"step": 250, "metric": "ua", "value": 0.71}}))
     assert "step 250, not the last step; dev ua 0.710" in _published_step(tmp_path)
+
+
+# --- average_last_checkpoints -------------------------------------------------------------------
+
+
+def shifted(model, by: float):
+    """A copy of `model` with every floating tensor moved by `by` (a distinguishable checkpoint)."""
+    import copy
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.state_dict().values():
+            if p.is_floating_point():
+                p.add_(by)
+    return other
+
+
+def mark_key(w: dict) -> str:
+    return next(k for k in w if k.endswith(MARK))
+
+
+def test_average_is_the_mean_of_every_tensor_sharded_or_not(tiny, tmp_path):
+    model, processor = tiny
+    srcs = []
+    for i, by in enumerate((0.0, 0.5, 2.0)):
+        srcs.append(save_checkpoint(shifted(model, by), processor, tmp_path / f"c{i}", {"step": 10 * (i + 1)}))
+    got = average_checkpoints(srcs, tmp_path / "avg", {"note": "x"})
+    ws = [weights(p) for p in srcs]
+    avg = weights(got)
+    assert avg.keys() == ws[0].keys()
+    for k in avg:
+        assert avg[k].dtype == ws[0][k].dtype
+        torch.testing.assert_close(avg[k], (ws[0][k] + ws[1][k] + ws[2][k]) / 3, rtol=0, atol=1e-6)
+    assert not torch.equal(avg[mark_key(avg)], ws[2][mark_key(avg)])  # not a copy of the last
+    meta = read_pallm_meta(got)
+    assert meta["step"] == 30 and meta["note"] == "x" and meta["averaged_from"] == [str(p) for p in srcs]
+    load_pretrained(got)  # a checkpoint like any other
+
+    # The same checkpoints in shards: the output keeps the shard layout and the same numbers.
+    sharded = []
+    for p in srcs:
+        q = tmp_path / f"{p.name}-sharded"
+        m, proc = load_pretrained(p)
+        save_checkpoint(m, proc, q, read_pallm_meta(p))
+        (q / "model.safetensors").unlink()
+        m.save_pretrained(q, max_shard_size="300KB")
+        sharded.append(q)
+    assert len(list(sharded[0].glob("model-*.safetensors"))) > 1
+    out = average_checkpoints(sharded, tmp_path / "avg-sharded", {})
+    assert (out / "model.safetensors.index.json").exists() and not (out / "model.safetensors").exists()
+    back, _ = load_pretrained(out)
+    ref, _ = load_pretrained(got)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ref.state_dict().values()))
+
+
+def test_averaging_refuses_what_is_not_one_models_checkpoints(tiny, tmp_path):
+    model, processor = tiny
+    a = save_checkpoint(model, processor, tmp_path / "a", {})
+    other, other_proc = build_tiny(["the voice sounds happy"] * 5, ModelSpec(tiny={"text_layers": 1}))
+    b = save_checkpoint(other, other_proc, tmp_path / "b", {})
+    with pytest.raises(PallmError, match="different tensors"):
+        average_checkpoints([a, b], tmp_path / "x", {})
+    (tmp_path / "lora" / "adapter").mkdir(parents=True)
+    (tmp_path / "lora" / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(PallmError, match="LoRA adapter.*pallm export --merge"):
+        average_checkpoints([a, tmp_path / "lora"], tmp_path / "x", {})
+    with pytest.raises(PallmError, match="not found"):
+        average_checkpoints([a, tmp_path / "nope"], tmp_path / "x", {})
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
+
+
+def test_average_last_checkpoints_settings_are_checked():
+    for cfg in (SFTConfig, GRPOConfig):
+        with pytest.raises(ValidationError, match="keep_checkpoints >= 3"):
+            cfg(average_last_checkpoints=3, keep_checkpoints=2)
+        with pytest.raises(ValidationError, match="save_every > 0"):
+            cfg(average_last_checkpoints=2, save_every=0)
+        with pytest.raises(ValidationError, match="set one"):
+            cfg(average_last_checkpoints=2, load_best_model_at_end=True)
+        with pytest.raises(ValidationError, match="LoRA"):
+            cfg(average_last_checkpoints=2, lora={"enabled": True})
+        assert cfg(average_last_checkpoints=2).saves_step(cfg().steps)  # the final step is always saved
+        assert not cfg().saves_step(cfg().steps + 1)
+
+
+def test_sft_run_publishes_the_average_of_its_last_checkpoints(tmp_path):
+    corpus = synth_corpus_random_cues(tmp_path / "ps", n=32, workers=2)
+    # 5 steps, a checkpoint every 2: steps 2, 4 and (because it averages) the final step 5.
+    cfg = SFTConfig(steps=5, batch_size=4, lr=3e-3, warmup_ratio=0.0, log_every=1, save_every=2, keep_checkpoints=2,
+                    eval_every=0, threads=1, average_last_checkpoints=2)
+    out = tmp_path / "run"
+    summary = train_sft(cfg, SPEC, PromptConfig(), corpus, out)
+    ckpts = dict(list_checkpoints(out))
+    assert sorted(ckpts) == [4, 5] and summary["averaged_steps"] == [4, 5]
+    w4, w5, got = weights(ckpts[4]), weights(ckpts[5]), weights(out)
+    assert got.keys() == w5.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], (w4[k] + w5[k]) / 2, rtol=0, atol=1e-6)
+    assert any(not torch.equal(w4[k], w5[k]) for k in got)  # the two steps differ: the test can fail
+    meta = read_pallm_meta(out)
+    assert meta["averaged_steps"] == [4, 5] and meta["step"] == 5 and meta["summary"]["averaged_steps"] == [4, 5]
+    assert json.loads((out / "train_summary.json").read_text())["averaged_steps"] == [4, 5]
+    load_pretrained(out)
+
+
+def test_report_says_an_average_was_published(tmp_path):
+    from pallm.pipeline import _published_step
+
+    (tmp_path / "train_summary.json").write_text(json.dumps({"steps": 400, "averaged_steps": [350, 400]}))
+    assert "weight average of the checkpoints of steps 350, 400" in _published_step(tmp_path)

@@ -668,3 +668,19 @@ def test_load_best_model_at_end_publishes_the_best_dev_step(tiny, corpus, tmp_pa
     last = load_file(out / "checkpoints" / "step-4" / "model.safetensors")
     assert want == 4 or not all(torch.equal(last[k], got[k]) for k in last)
     assert not (out / "best").exists()
+
+
+def test_average_last_checkpoints_publishes_the_mean_of_the_last_steps(tiny, corpus, tmp_path):
+    """average_last_checkpoints=2 with 3 steps, a checkpoint every 2: the final step 3 is saved
+    too, and the published weights are the mean of steps 2 and 3, not step 3's."""
+    out = tmp_path / "avg"
+    cfg = small(steps=3, save_every=2, keep_checkpoints=2, reward_funcs=["hash"], average_last_checkpoints=2)
+    summary = train_grpo(cfg, PromptConfig(), corpus, (copy.deepcopy(tiny[0]), tiny[1]), out,
+                         reward_fns={"hash": text_hash_reward})
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    assert summary["averaged_steps"] == [2, 3] and read_pallm_meta(out)["averaged_steps"] == [2, 3]
+    w2, w3 = (load_file(out / "checkpoints" / f"step-{s}" / "model.safetensors") for s in (2, 3))
+    got = load_file(out / "model.safetensors")
+    assert any(not torch.equal(w2[k], w3[k]) for k in w3)
+    for k in w3:
+        torch.testing.assert_close(got[k], (w2[k] + w3[k]) / 2, rtol=0, atol=1e-6)

@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,13 +206,101 @@ def save_checkpoint(model, processor, out_dir: str | os.PathLike, pallm_meta: di
         model.save_pretrained(tmp)  # safetensors in transformers >= 4.35
         processor.save_pretrained(tmp)
         (tmp / PALLM_META_FILE).write_text(meta_text + "\n", encoding="utf-8")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)  # a directory cannot be renamed onto a non-empty one
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename the complete folder `src` to `dst`, replacing `dst` if it exists."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)  # a directory cannot be renamed onto a non-empty one
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+WEIGHT_INDEX = "model.safetensors.index.json"
+
+
+def _weight_files(path: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file of a checkpoint folder (sharded or not)."""
+    if (path / WEIGHT_INDEX).exists():
+        return dict(_read_json(path / WEIGHT_INDEX).get("weight_map", {}))
+    if not (path / "model.safetensors").exists():
+        raise PallmError(f"{path}: no safetensors weights (model.safetensors); re-save it with save_checkpoint to average it.")
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        return {name: "model.safetensors" for name in f.keys()}
+
+
+def average_checkpoints(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, pallm_meta: dict[str, Any]) -> Path:
+    """Uniform average of the weights of checkpoints of one model (e.g. a run's last step
+    checkpoints: RL oscillates between them, their average is steadier than any one), written as a
+    checkpoint folder like `save_checkpoint`'s: the last source's config, processor and shard layout,
+    every tensor replaced by its mean over the sources, `pallm.json` = the last source's + `pallm_meta`
+    + `averaged_from`.
+
+    Streams tensor by tensor (sum in float64, stored in the checkpoint's dtype), so a 7B model
+    averages in the memory of one shard. Atomic as save_checkpoint: an existing `out_dir` is replaced
+    only once the new one is complete. LoRA adapters are refused (merge them first).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    paths = [Path(p).expanduser() for p in sources]
+    if not paths:
+        raise PallmError("average_checkpoints: no checkpoints given.")
+    maps = []
+    for p in paths:
+        if not p.is_dir():
+            raise PallmError(f"{p}: checkpoint folder not found.")
+        _check_local_checkpoint(p)
+        maps.append(_weight_files(p))
+    last, layout = paths[-1], maps[-1]
+    for p, m in zip(paths, maps):
+        if m.keys() != layout.keys():
+            odd = sorted(m.keys() ^ layout.keys())[:3]
+            raise PallmError(f"{p}: holds different tensors from {last} ({', '.join(odd)}); average checkpoints of one model only.")
+
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    weights = {f for f in layout.values()} | {WEIGHT_INDEX}
+    try:
+        shutil.copytree(last, tmp, ignore=lambda d, names: [n for n in names if Path(d) == last and (
+            n in weights or n in ("trainer", "trainer_state.json", "adapter"))])
+        with contextlib.ExitStack() as stack:
+            opened: dict[tuple[int, str], Any] = {}
+
+            def handle(i: int, file: str):
+                if (i, file) not in opened:
+                    opened[(i, file)] = stack.enter_context(safe_open(paths[i] / file, framework="pt"))
+                return opened[(i, file)]
+
+            for file in sorted(set(layout.values())):
+                names = [n for n, f in layout.items() if f == file]
+                averaged = {}
+                for name in names:
+                    first = handle(len(paths) - 1, file).get_tensor(name)
+                    total = None
+                    for i, m in enumerate(maps):
+                        t = handle(i, m[name]).get_tensor(name)
+                        if t.shape != first.shape:
+                            raise PallmError(f"{paths[i]}: tensor {name} has shape {tuple(t.shape)}, {last} {tuple(first.shape)}; "
+                                             "average checkpoints of one model only.")
+                        total = t.double() if total is None else t.double() + total
+                    averaged[name] = (total / len(paths)).to(first.dtype)
+                save_file(averaged, str(tmp / file), metadata={"format": "pt"})
+        if (last / WEIGHT_INDEX).exists():
+            shutil.copy2(last / WEIGHT_INDEX, tmp / WEIGHT_INDEX)
+        meta = {**read_pallm_meta(last), **pallm_meta, "averaged_from": [str(p) for p in paths]}
+        (tmp / PALLM_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

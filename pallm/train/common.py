@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pallm.data.audio import load_audio
 from pallm.data.manifest import Row
 from pallm.errors import ConfigError, PallmError
-from pallm.model.build import PALLM_META_FILE, save_checkpoint
+from pallm.model.build import PALLM_META_FILE, average_checkpoints, replace_dir, save_checkpoint
 
 CHECKPOINTS_DIR = "checkpoints"
 STEP_PREFIX = "step-"
@@ -373,19 +373,9 @@ def _save_peft(peft_model, processor, out: Path, meta: dict[str, Any], merge: bo
         processor.save_pretrained(tmp)
         (tmp / PALLM_META_FILE).write_text(json.dumps({**meta, "lora": "adapter"}, indent=2, sort_keys=True) + "\n")
         peft_model.save_pretrained(tmp / "adapter")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
         return
     peft_model.save_pretrained(out / "adapter")
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -420,7 +410,7 @@ def save_training_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json_atomic(tmp / TRAINER_STATE, {**trainer_state, "step": step, "saved_at": time.time()})
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
         if keep:
             for _, p in list_checkpoints(out)[:-keep]:
                 shutil.rmtree(p, ignore_errors=True)
@@ -484,19 +474,40 @@ def _move_into(src: Path, out: Path) -> None:
 
 
 class BestModelFields(BaseModel):
-    """The dev-selection fields of the SFT and GRPO configs, with transformers' names."""
+    """Which model the SFT and GRPO runs publish: the last step, the best on dev (transformers'
+    names), or the weight average of the last few step checkpoints."""
 
     model_config = ConfigDict(extra="forbid")
     # Publish the model that scored best on the dev rows instead of the last step (needs eval_every).
     load_best_model_at_end: bool = False
     metric_for_best_model: DevMetric = "ua"
     greater_is_better: bool | None = Field(None, description="null: true, except for follows_words_rate")
+    # Publish the uniform weight average of the last N step checkpoints (the final step is saved as
+    # one) instead of the last step; 1 = the last step. Why: RL oscillates between checkpoints
+    # (docs/grpo.md, eleventh look); their average is steadier than any one of them.
+    average_last_checkpoints: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _needs_eval(self):
         if self.load_best_model_at_end and not getattr(self, "eval_every", 0):
             raise ValueError("load_best_model_at_end needs a dev evaluation: set eval_every > 0")
+        n = self.average_last_checkpoints
+        if n > 1:
+            if self.load_best_model_at_end:
+                raise ValueError("average_last_checkpoints and load_best_model_at_end both choose the published model: set one")
+            if not getattr(self, "save_every", 0) or getattr(self, "keep_checkpoints", 0) < n:
+                raise ValueError(f"average_last_checkpoints={n} averages kept step checkpoints: set save_every > 0 "
+                                 f"and keep_checkpoints >= {n}")
+            if getattr(self, "lora").enabled:
+                raise ValueError("average_last_checkpoints does not average LoRA adapters yet (their checkpoints hold the "
+                                 "adapter only); set it to 1 with lora.enabled")
         return self
+
+    def saves_step(self, step: int) -> bool:
+        """Whether the run writes a step checkpoint at `step` (every save_every steps, and the
+        final step when averaging)."""
+        every = getattr(self, "save_every", 0)
+        return bool(every) and (step % every == 0 or (self.average_last_checkpoints > 1 and step == getattr(self, "steps")))
 
     @property
     def best_is_greater(self) -> bool:
@@ -682,18 +693,47 @@ def read_dev_curve(out: Path, upto: int) -> list[dict[str, Any]]:
     return curve
 
 
+def publish_average(accelerator, out: Path, meta: dict[str, Any], steps: Sequence[int]) -> Path:
+    """*Collective.* Publish into the run folder `out` the uniform weight average of its step
+    checkpoints at `steps` (`average_checkpoints`), `pallm.json` last as `publish_final` does."""
+    if accelerator.is_main_process:
+        tmp = out / ".final.tmp"
+        average_checkpoints([Path(out) / CHECKPOINTS_DIR / f"{STEP_PREFIX}{s}" for s in steps], tmp,
+                            {**meta, "step": steps[-1], "averaged_steps": list(steps)})
+        _move_into(tmp, out)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def averaged_steps(out: Path, n: int, final_step: int) -> list[int]:
+    """The steps of the last `n` kept checkpoints of the run in `out`, which must end at `final_step`."""
+    steps = [s for s, _ in list_checkpoints(out)][-n:]
+    if len(steps) < n or steps[-1] != final_step:
+        raise PallmError(f"{out / CHECKPOINTS_DIR}: average_last_checkpoints={n} needs the last {n} step checkpoints "
+                         f"up to step {final_step}, found steps {steps}; raise keep_checkpoints, or set "
+                         "average_last_checkpoints=1 to publish the last step.")
+    return steps
+
+
 def finish_run(accelerator, model, processor, out: Path, meta: dict[str, Any], summary: dict[str, Any],
-               meta_exclude: Sequence[str] = ("dev_curve",), best: BestModel | None = None) -> dict[str, Any]:
-    """Write `train_summary.json`, then publish the final model (or, with `best`, the best on dev)
-    with the summary in pallm.json."""
+               meta_exclude: Sequence[str] = ("dev_curve",), best: BestModel | None = None,
+               average_last: int = 1) -> dict[str, Any]:
+    """Write `train_summary.json`, then publish the final model (with `best`, the best on dev;
+    with `average_last` > 1, the average of the last that many step checkpoints) with the summary
+    in pallm.json."""
     if best is not None:
         summary["best_model"] = best.record() if best.step is not None else None
+    steps = averaged_steps(out, average_last, summary["steps"]) if average_last > 1 else None
+    if steps is not None:
+        summary["averaged_steps"] = steps
     meta["summary"] = {k: v for k, v in summary.items() if k not in meta_exclude}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if best is not None:
         best.publish(accelerator, model, processor, out, meta)
+    elif steps is not None:
+        publish_average(accelerator, out, meta, steps)
     else:
         publish_final(accelerator, model, processor, out, meta)
     summary["out"] = str(out)

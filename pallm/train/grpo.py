@@ -977,7 +977,7 @@ def train_grpo(
                     dev_eval(step)
             # Checkpoints at generation-batch boundaries only: nothing but the small sampler state
             # then needs saving besides what accelerate saves (weights, optimizer, scheduler, RNGs).
-            if cfg.save_every and step // cfg.save_every > last_saved // cfg.save_every:
+            if cfg.save_every and (step // cfg.save_every > last_saved // cfg.save_every or cfg.saves_step(step)):
                 save_training_checkpoint(accelerator, policy, processor, out, step, {**meta, "step": step},
                                          {"steps": cfg.steps, "sampler": sampler.state_dict(), "class_recall": class_recall.state_dict(),
                                           "fingerprint": fingerprint},
@@ -1007,7 +1007,8 @@ def train_grpo(
             "processes": world,
             "dev_curve": dev_curve,
         }
-        return finish_run(accelerator, policy, processor, out, meta, summary, ("dev_curve", "final"), best=best)
+        return finish_run(accelerator, policy, processor, out, meta, summary, ("dev_curve", "final"), best=best,
+                          average_last=cfg.average_last_checkpoints)
     finally:
         logger.close()
 

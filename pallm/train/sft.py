@@ -342,7 +342,7 @@ def train_sft(
                     win_examples, win_time = 0, 0.0
                 if dev_rows and (step % cfg.eval_every == 0 or step == cfg.steps):
                     dev_eval(step)
-                if cfg.save_every and step % cfg.save_every == 0:
+                if cfg.saves_step(step):
                     save_training_checkpoint(
                         accelerator, model, processor, out, step, {**meta, "step": step},
                         {"examples_seen": consumed, "steps": cfg.steps, "epoch": consumed / stream.n,
@@ -371,7 +371,8 @@ def train_sft(
             "dev_curve": dev_curve,
             "audio_cache_mb": round(cache.nbytes / 2**20, 1),
         }
-        return finish_run(accelerator, model, processor, out, meta, summary, best=best)
+        return finish_run(accelerator, model, processor, out, meta, summary, best=best,
+                          average_last=cfg.average_last_checkpoints)
     finally:
         logger.close()
 
