@@ -6,6 +6,7 @@
     python benchmarks/stage2_vs_stage1.py prompt.speaker_reference=true --out runs/ref  # both stages hear a reference
     python benchmarks/stage2_vs_stage1.py --select-best sft.keep_checkpoints=8 sft.eval_rows=300 \
         grpo.keep_checkpoints=9 grpo.eval_rows=300 --out runs/sel    # + dev-best checkpoints compared
+    python benchmarks/stage2_vs_stage1.py --average-last 2 --out runs/s2   # + last-2 checkpoint averages
 
 Per seed (the run seed and the tiny model's init seed: initial weights, data order, sampling):
 
@@ -33,7 +34,9 @@ from pathlib import Path
 from typing import get_args
 
 from pallm.cli.stages import load_run_config
-from pallm.train.common import BestModelFields, DevMetric
+from pallm.errors import PallmError
+from pallm.model.build import average_checkpoints
+from pallm.train.common import BestModelFields, DevMetric, averaged_steps
 
 
 def sh(args: list[str], log: Path) -> None:
@@ -101,6 +104,20 @@ def dev_best(run: Path, metric: str = "ua") -> Path:
     return ckpt
 
 
+def averaged(run: Path, n: int) -> Path:
+    """The uniform weight average of `run`'s last `n` kept step checkpoints (what
+    average_last_checkpoints=n publishes), built once beside the run as `avg{n}_{name}`."""
+    out = run.parent / f"avg{n}_{run.name}"
+    if not (out / "pallm.json").exists():
+        summary = json.loads((run / "train_summary.json").read_text())
+        try:
+            steps = averaged_steps(run, n, summary["steps"])
+            average_checkpoints([run / "checkpoints" / f"step-{s}" for s in steps], out, {"averaged_steps": steps})
+        except PallmError as e:
+            sys.exit(str(e))
+    return out
+
+
 def train(kind: str, out: Path, seed: int, extra: list[str], init: Path | None = None) -> None:
     if (out / "train_summary.json").exists():
         return
@@ -129,6 +146,10 @@ def main() -> None:
                          "set, e.g. sft.keep_checkpoints=8 sft.eval_rows=300 grpo.keep_checkpoints=9 grpo.eval_rows=300")
     ap.add_argument("--select-metric", default="ua", choices=get_args(DevMetric),
                     help="dev metric for --select-best (metric_for_best_model), e.g. worst_emotion_accuracy")
+    ap.add_argument("--average-last", type=int, default=0, metavar="N",
+                    help="also compare every arm but the start published as the weight average of its last N kept "
+                         "checkpoints (what average_last_checkpoints=N publishes; built from finished runs, "
+                         "needs keep_checkpoints >= N)")
     ap.add_argument("overrides", nargs="*",
                     help="config overrides: grpo.* go to both stage-2 runs, anything else (e.g. "
                          "prompt.speaker_reference=true) to every run, stage 1 included")
@@ -145,6 +166,9 @@ def main() -> None:
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     if a.select_best:  # the start (sft) stays the last step: stage 2 starts from it either way
         rows.update({f"{k}@best": [] for k in kinds if k != "sft"})
+    avg = f"@avg{a.average_last}"
+    if a.average_last > 1:  # the start stays the last step, as with --select-best
+        rows.update({f"{k}{avg}": [] for k in kinds if k != "sft"})
     for seed in a.seeds:
         d = a.out / f"seed{seed}"
         d.mkdir(parents=True, exist_ok=True)
@@ -159,7 +183,12 @@ def main() -> None:
             train("grpo", d / "grpo_single", seed, [*grpo, "grpo.task_weights.classify=1", "grpo.task_weights.respond=0"],
                   init=d / "sft")
         for k in rows:
-            model = dev_best(d / k.removesuffix("@best"), a.select_metric) if k.endswith("@best") else d / k
+            if k.endswith("@best"):
+                model = dev_best(d / k.removesuffix("@best"), a.select_metric)
+            elif k.endswith(avg):
+                model = averaged(d / k.removesuffix(avg), a.average_last)
+            else:
+                model = d / k
             rows[k].append(ua(model, corpus))
             r = rows[k][-1]
             emo = "  ".join(f"{e} {v:.2f}" for e, v in by_emotion(model, voices).items())
@@ -179,11 +208,14 @@ def main() -> None:
              "grpo": f"SFT {a.sft_steps} + GRPO {a.grpo_steps}", "grpo_single": f"SFT {a.sft_steps} + GRPO {a.grpo_steps}"}
     for k in rows:
         cells = " | ".join(f"{mean(k, s):.3f} ({sd(k, s):.3f})" for s in ("all", "congruent", "conflict"))
-        print(f"| {k} | {steps[k.removesuffix('@best')]} | {cells} |")
+        print(f"| {k} | {steps[k.split('@')[0]]} | {cells} |")
     checks(mean, "", a.skip_single, a.sft_steps)
     if a.select_best:
         print("\nthe same, dev-best checkpoints of the budget-matched stage 1 and of stage 2:")
         checks(mean, "@best", a.skip_single, a.sft_steps)
+    if a.average_last > 1:
+        print(f"\nthe same, every arm but the start published as the average of its last {a.average_last} checkpoints:")
+        checks(mean, avg, a.skip_single, a.sft_steps)
 
 
 def checks(mean, tag: str, skip_single: bool, sft_steps: int) -> None:
