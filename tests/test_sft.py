@@ -375,7 +375,7 @@ def hashed_finish(accelerator, model, *a, **kw):  # each rank's own final weight
     json.dump({"hash": h}, open(os.path.join(sys.argv[2] + "-rank" + os.environ["RANK"] + ".json"), "w"))
     return finish(accelerator, model, *a, **kw)
 sft.finish_run = hashed_finish
-train_sft(SFTConfig(steps=3, batch_size=2, save_every=3, log_every=1, eval_every=0, threads=1),
+train_sft(SFTConfig(steps=3, batch_size=2, save_every=2, log_every=1, eval_every=0, threads=1, average_last_checkpoints=2),
           ModelSpec(max_audio_seconds=2), PromptConfig(), sys.argv[1], sys.argv[2])
 """
 
@@ -383,7 +383,8 @@ train_sft(SFTConfig(steps=3, batch_size=2, save_every=3, log_every=1, eval_every
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(corpus, tmp_path):
     """torchrun with 2 CPU processes: one gloo DDP job (not two independent runs), each process
-    on its own slice of the global batch, only rank 0 writing."""
+    on its own slice of the global batch, only rank 0 writing; the published model is the average
+    of the step-2 and final step-3 checkpoints (average_last_checkpoints=2, a collective publish)."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "ddp"
@@ -396,5 +397,8 @@ def test_ddp_two_cpu_processes(corpus, tmp_path):
     state = out / "checkpoints" / "step-3" / "trainer"
     assert (state / "random_states_0.pkl").exists() and (state / "random_states_1.pkl").exists()
     Qwen2AudioForConditionalGeneration.from_pretrained(out)
+    assert summary["averaged_steps"] == [2, 3]
+    w2, w3, got = (load_file(p / "model.safetensors") for p in (out / "checkpoints" / "step-2", out / "checkpoints" / "step-3", out))
+    assert all(torch.allclose(got[k], (w2[k] + w3[k]) / 2, rtol=0, atol=1e-6) for k in got)
     h0, h1 = (json.loads((tmp_path / f"ddp-rank{i}.json").read_text())["hash"] for i in (0, 1))
     assert h0 == h1  # DDP kept the two processes' weights identical
