@@ -18,7 +18,7 @@ from pallm.model.build import average_checkpoints, build_tiny, load_pretrained, 
 from pallm.prompts.format import PromptConfig
 from pallm.train import SFTConfig, train_sft
 from pallm.train.common import BEST_MODEL_DIR, BestModel, dev_record, list_checkpoints, make_accelerator
-from pallm.train.grpo import GRPOConfig
+from pallm.train.grpo import GRPOConfig, train_grpo
 
 from helpers import synth_corpus_random_cues
 
@@ -237,6 +237,15 @@ def test_average_last_checkpoints_settings_are_checked():
             cfg(average_last_checkpoints=2, load_best_model_at_end=True)
         with pytest.raises(ValidationError, match="LoRA"):
             cfg(average_last_checkpoints=2, lora={"enabled": True})
+        with pytest.raises(ValidationError, match="writes 1 step checkpoint"):
+            cfg(average_last_checkpoints=2, steps=5, save_every=10)
+        # a derived config (model_copy skips validation) is refused by the trainer before any work
+        short = cfg(average_last_checkpoints=2, save_every=10, steps=40).model_copy(update={"steps": 10})
+        with pytest.raises(PallmError, match="lower save_every"):
+            if cfg is SFTConfig:
+                train_sft(short, SPEC, PromptConfig(), "/nonexistent", "/nonexistent/out")
+            else:
+                train_grpo(short, PromptConfig(), "/nonexistent", "/nonexistent/init", "/nonexistent/out")
         assert cfg(average_last_checkpoints=2).saves_step(cfg().steps)  # the final step is always saved
         assert not cfg().saves_step(cfg().steps + 1)
 

@@ -501,7 +501,21 @@ class BestModelFields(BaseModel):
             if getattr(self, "lora").enabled:
                 raise ValueError("average_last_checkpoints does not average LoRA adapters yet (their checkpoints hold the "
                                  "adapter only); set it to 1 with lora.enabled")
+            try:
+                self.check_average()
+            except PallmError as e:
+                raise ValueError(str(e)) from None
         return self
+
+    def check_average(self) -> None:
+        """Refuse, before training, a run too short to write the checkpoints it is to average (also
+        for configs derived with `model_copy`, which skips validation: the trainers call this)."""
+        n, every, steps = self.average_last_checkpoints, getattr(self, "save_every", 0), getattr(self, "steps")
+        if n > 1:
+            written = steps // every + (steps % every != 0) if every else 0
+            if written < n:
+                raise PallmError(f"average_last_checkpoints={n}: a run of {steps} steps with save_every={every} writes "
+                                 f"{written} step checkpoint(s); lower save_every or average_last_checkpoints.")
 
     def saves_step(self, step: int) -> bool:
         """Whether the run writes a step checkpoint at `step` (every save_every steps, and the

@@ -604,6 +604,7 @@ def train_grpo(
     `progress(step, steps, metrics)` is called on the main process after every optimizer step.
     """
     t_start = time.perf_counter()
+    cfg.check_average()  # before any work: a run too short to write what it is to average
     set_threads(cfg.threads)
     seed = cfg.seed if cfg.seed is not None else seed
     manifest = manifest_path(corpus)

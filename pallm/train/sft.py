@@ -165,6 +165,7 @@ def train_sft(
     main process after every optimizer step.
     """
     t_start = time.perf_counter()
+    cfg.check_average()  # before any work: a run too short to write what it is to average
     set_threads(cfg.threads)
     manifest = manifest_path(corpus)
     corpus_dir = manifest.parent
