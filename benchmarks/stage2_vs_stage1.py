@@ -36,7 +36,7 @@ from typing import get_args
 from pallm.cli.stages import load_run_config
 from pallm.errors import PallmError
 from pallm.model.build import average_checkpoints
-from pallm.train.common import BestModelFields, DevMetric, averaged_steps
+from pallm.train.common import BestModelFields, DevMetric, checkpoints_to_average
 
 
 def sh(args: list[str], log: Path) -> None:
@@ -111,8 +111,8 @@ def averaged(run: Path, n: int) -> Path:
     if not (out / "pallm.json").exists():
         summary = json.loads((run / "train_summary.json").read_text())
         try:
-            steps = averaged_steps(run, n, summary["steps"])
-            average_checkpoints([run / "checkpoints" / f"step-{s}" for s in steps], out, {"averaged_steps": steps})
+            ckpts = checkpoints_to_average(run, n, summary["steps"])
+            average_checkpoints([p for _, p in ckpts], out, {"averaged_steps": [s for s, _ in ckpts]})
         except PallmError as e:
             sys.exit(str(e))
     return out

@@ -270,8 +270,8 @@ def average_checkpoints(sources: Sequence[str | os.PathLike], out_dir: str | os.
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    weights = {f for f in layout.values()} | {WEIGHT_INDEX}
-    try:
+    weights = set(layout.values())
+    try:  # everything of the last source but its weights (rewritten below) and training state
         shutil.copytree(last, tmp, ignore=lambda d, names: [n for n in names if Path(d) == last and (
             n in weights or n in ("trainer", "trainer_state.json", "adapter"))])
         with contextlib.ExitStack() as stack:
@@ -286,18 +286,15 @@ def average_checkpoints(sources: Sequence[str | os.PathLike], out_dir: str | os.
                 names = [n for n, f in layout.items() if f == file]
                 averaged = {}
                 for name in names:
-                    first = handle(len(paths) - 1, file).get_tensor(name)
                     total = None
                     for i, m in enumerate(maps):
                         t = handle(i, m[name]).get_tensor(name)
-                        if t.shape != first.shape:
-                            raise PallmError(f"{paths[i]}: tensor {name} has shape {tuple(t.shape)}, {last} {tuple(first.shape)}; "
-                                             "average checkpoints of one model only.")
+                        if total is not None and t.shape != total.shape:
+                            raise PallmError(f"{paths[i]}: tensor {name} has shape {tuple(t.shape)}, {paths[0]} "
+                                             f"{tuple(total.shape)}; average checkpoints of one model only.")
                         total = t.double() if total is None else t.double() + total
-                    averaged[name] = (total / len(paths)).to(first.dtype)
+                    averaged[name] = (total / len(paths)).to(t.dtype)  # the last source's dtype
                 save_file(averaged, str(tmp / file), metadata={"format": "pt"})
-        if (last / WEIGHT_INDEX).exists():
-            shutil.copy2(last / WEIGHT_INDEX, tmp / WEIGHT_INDEX)
         meta = {**read_pallm_meta(last), **pallm_meta, "averaged_from": [str(p) for p in paths]}
         (tmp / PALLM_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         replace_dir(tmp, out)

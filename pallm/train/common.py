@@ -707,26 +707,27 @@ def read_dev_curve(out: Path, upto: int) -> list[dict[str, Any]]:
     return curve
 
 
-def publish_average(accelerator, out: Path, meta: dict[str, Any], steps: Sequence[int]) -> Path:
-    """*Collective.* Publish into the run folder `out` the uniform weight average of its step
-    checkpoints at `steps` (`average_checkpoints`), `pallm.json` last as `publish_final` does."""
+def publish_average(accelerator, out: Path, meta: dict[str, Any], ckpts: Sequence[tuple[int, Path]]) -> Path:
+    """*Collective.* Publish into the run folder `out` the uniform weight average of the step
+    checkpoints `ckpts` (`checkpoints_to_average`), `pallm.json` last as `publish_final` does."""
     if accelerator.is_main_process:
         tmp = out / ".final.tmp"
-        average_checkpoints([Path(out) / CHECKPOINTS_DIR / f"{STEP_PREFIX}{s}" for s in steps], tmp,
-                            {**meta, "step": steps[-1], "averaged_steps": list(steps)})
+        steps = [s for s, _ in ckpts]
+        average_checkpoints([p for _, p in ckpts], tmp, {**meta, "step": steps[-1], "averaged_steps": steps})
         _move_into(tmp, out)
     accelerator.wait_for_everyone()
     return out
 
 
-def averaged_steps(out: Path, n: int, final_step: int) -> list[int]:
-    """The steps of the last `n` kept checkpoints of the run in `out`, which must end at `final_step`."""
-    steps = [s for s, _ in list_checkpoints(out)][-n:]
+def checkpoints_to_average(out: Path, n: int, final_step: int) -> list[tuple[int, Path]]:
+    """The last `n` kept step checkpoints (step, folder) of the run in `out`, which must end at `final_step`."""
+    ckpts = list_checkpoints(out)[-n:]
+    steps = [s for s, _ in ckpts]
     if len(steps) < n or steps[-1] != final_step:
         raise PallmError(f"{out / CHECKPOINTS_DIR}: average_last_checkpoints={n} needs the last {n} step checkpoints "
                          f"up to step {final_step}, found steps {steps}; raise keep_checkpoints, or set "
                          "average_last_checkpoints=1 to publish the last step.")
-    return steps
+    return ckpts
 
 
 def finish_run(accelerator, model, processor, out: Path, meta: dict[str, Any], summary: dict[str, Any],
@@ -737,17 +738,17 @@ def finish_run(accelerator, model, processor, out: Path, meta: dict[str, Any], s
     in pallm.json."""
     if best is not None:
         summary["best_model"] = best.record() if best.step is not None else None
-    steps = averaged_steps(out, average_last, summary["steps"]) if average_last > 1 else None
-    if steps is not None:
-        summary["averaged_steps"] = steps
+    ckpts = checkpoints_to_average(out, average_last, summary["steps"]) if average_last > 1 else None
+    if ckpts is not None:
+        summary["averaged_steps"] = [s for s, _ in ckpts]
     meta["summary"] = {k: v for k, v in summary.items() if k not in meta_exclude}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if best is not None:
         best.publish(accelerator, model, processor, out, meta)
-    elif steps is not None:
-        publish_average(accelerator, out, meta, steps)
+    elif ckpts is not None:
+        publish_average(accelerator, out, meta, ckpts)
     else:
         publish_final(accelerator, model, processor, out, meta)
     summary["out"] = str(out)
