@@ -40,3 +40,39 @@ def fit_two_clips(model, processor, audios, prompt: str, targets: list[str], ste
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def check_hf_backend_decoding(model, processor, audios, prompts, monkeypatch, G: int = 2, max_new_tokens: int = 12,
+                              temperature: float = 0.7) -> None:
+    """`HFBackend` against the model itself, with its sampler made greedy and watched: every row is
+    its prompt's greedy `generate` output cut at the first stop token, and every distribution it
+    sampled from is the softmax(logits / temperature) of a plain forward pass over (clip, prompt,
+    completion) at that position, banned tokens at zero. One prompt is made to stop early so the
+    others decode on after it leaves the batch (positions, masks and cache of the rest must follow)."""
+    from pallm.model import banned_token_ids, generate
+    from pallm.train import rollout
+
+    _, ref = generate(model, processor, audios, prompts, max_new_tokens=max_new_tokens, return_ids=True)
+    backend = rollout.HFBackend(model, processor)
+    # An extra stop token that some prompts emit before their last step and as many as possible never.
+    def split(t: int) -> tuple[int, int]:
+        return sum(t in r[:-1] for r in ref), sum(t not in r for r in ref)
+
+    early = max((t for r in ref for t in r if all(split(t))), key=lambda t: split(t)[1])
+    backend._stop = [*backend._stop, early]
+    want = [rollout.cut_at_stop([r], backend._stop)[0] for r in ref for _ in range(G)]
+    assert len({len(r) for r in want}) > 1, "the rows must finish at different steps"
+    seen = []
+    monkeypatch.setattr(rollout, "sample_tokens", lambda probs: seen.append(probs) or probs.argmax(-1))
+    assert backend.generate(audios, prompts, G, temperature, 1.0, max_new_tokens) == want
+
+    plain = encode_batch(processor, [a for a in audios for _ in range(G)], [p for p in prompts for _ in range(G)], want)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in plain.items() if k != "labels"}).logits.float()
+    logits[..., banned_token_ids(model, processor)] = -float("inf")
+    for t, probs in enumerate(seen):
+        live = [r for r in range(len(want)) if len(want[r]) > t]  # rows still decoding at step t, in order
+        assert probs.shape[0] == len(live)
+        for j, r in enumerate(live):
+            pos = (plain["labels"][r] != -100).nonzero().squeeze(-1)[t] - 1  # predicts completion token t
+            assert torch.allclose(probs[j], (logits[r, pos] / temperature).softmax(-1), atol=1e-5)

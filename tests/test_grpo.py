@@ -22,9 +22,10 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from helpers import check_hf_backend_decoding
 from pallm.data.manifest import Row, read_manifest, write_manifest
 from pallm.errors import ConfigError, PallmError
-from pallm.model import build_tiny, encode_batch, generate, load_pretrained, read_pallm_meta
+from pallm.model import banned_token_ids, build_tiny, encode_batch, generate, load_pretrained, read_pallm_meta
 from pallm.prompts.format import PromptConfig, build_prompt
 from pallm.train.common import AudioCache
 from pallm.train.examples import tokenizer_texts
@@ -39,6 +40,7 @@ from pallm.train.grpo import (
     k3_kl,
     train_grpo,
 )
+from pallm.train import rollout
 from pallm.train.rollout import HFBackend, RolloutBackend, cut_at_stop
 
 NAN = float("nan")
@@ -197,21 +199,34 @@ def test_config_validation():
 # --- rollout and scoring ------------------------------------------------------------------------
 
 
-def test_hf_backend_matches_pallm_generate(tiny):
-    """Prefill once per prompt + repeated KV cache = the same samples as generate(num_return_sequences)."""
+def test_hf_backend_decodes_like_generate(tiny, monkeypatch):
+    """Prefill once per prompt, repeated KV cache, finished rows dropped from the batch: same tokens
+    and same sampling distributions as the model itself (tests/helpers.py)."""
     model, processor = tiny
     rng = np.random.default_rng(0)
-    audios = [(0.3 * rng.standard_normal(int(16_000 * s))).astype(np.float32) for s in (0.6, 1.3)]
-    prompts = ["What is the sentiment?", "Describe how they sound, then answer."]
+    audios = [(0.3 * rng.standard_normal(int(16_000 * s))).astype(np.float32) for s in (0.6, 1.3, 0.9)]
+    prompts = ["What is the sentiment?", "Describe how they sound, then answer.", "Listen."]
+    check_hf_backend_decoding(model, processor, audios, prompts, monkeypatch)
+
+
+def test_hf_backend_samples(tiny):
+    model, processor = tiny
+    audios = [(0.3 * np.random.default_rng(0).standard_normal(16_000)).astype(np.float32)]
     torch.manual_seed(3)
-    _, ref_ids = generate(model, processor, audios, prompts, do_sample=True, num_return_sequences=4, max_new_tokens=12,
-                          return_ids=True)
-    backend = HFBackend(model, processor)
-    assert isinstance(backend, RolloutBackend)
-    torch.manual_seed(3)
-    ids = backend.generate(audios, prompts, 4, 1.0, 1.0, 12)
-    assert ids == ref_ids and len(ids) == 8
-    assert len({tuple(r) for r in ids}) > 1  # really sampled
+    ids = HFBackend(model, processor).generate(audios, ["What is the sentiment?"], 6, 1.0, 1.0, 12)
+    assert len(ids) == 6 and len({tuple(r) for r in ids}) > 1
+    banned = set(banned_token_ids(model, processor))
+    assert not banned & {t for r in ids for t in r}
+
+
+def test_sample_tokens_draws_from_the_distribution():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0], [0.1, 0.1, 0.0, 0.8]])
+    torch.manual_seed(0)
+    n = 20_000
+    draws = torch.stack([rollout.sample_tokens(probs) for _ in range(n)])  # [n, rows]
+    freq = torch.stack([torch.bincount(draws[:, i], minlength=4) for i in range(3)]).double() / n
+    assert torch.allclose(freq, probs.double(), atol=0.015)
+    assert (freq[probs == 0] == 0).all()  # zero-probability tokens are never drawn
 
 
 def test_scorer_logprobs_equal_a_plain_forward(tiny):
