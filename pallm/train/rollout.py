@@ -78,14 +78,14 @@ def _unwrap(model):
 
 
 class HFBackend:
-    """Sampling with transformers' `generate` on the training model, KV cache on.
+    """Sampling from the training model itself (any transformers model, KV cache on).
 
     `pallm.model.generate(num_return_sequences=G)` lets transformers repeat every input G times,
     audio features included, so the audio encoder and the whole prompt prefill run G times per
     prompt. Here the prompt (audio + text, all but its last token) is prefilled ONCE per prompt;
-    its KV cache is then repeated G times and decoding continues from it. Same tokens, same
-    logits, same RNG stream as `pallm.model.generate` (tests/test_grpo.py checks identity), about
-    G times less prefill work.
+    its KV cache is then repeated G times and decoding continues from it (`_decode`). Same
+    distributions as `generate` at every step (tests/helpers.py::check_hf_backend_decoding),
+    about G times less prefill work and less per-step overhead.
     """
 
     def __init__(self, model, processor, *, system: str | None = None, max_audio_seconds: float | None = None):
