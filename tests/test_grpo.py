@@ -229,19 +229,21 @@ def test_sample_tokens_draws_from_the_distribution():
     assert (freq[probs == 0] == 0).all()  # zero-probability tokens are never drawn
 
 
-def test_scorer_logprobs_equal_a_plain_forward(tiny):
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_scorer_logprobs_equal_a_plain_forward(tiny, chunks):
     """The scorer's layout (each prompt encoded once, left-padded, shared by its G completions,
-    which are right-padded after it) gives the log-probs of an ordinary right-padded forward pass
-    over every (clip, prompt, completion) row, for clips and completions of different lengths."""
+    which are right-padded after it; groups scored in `chunks` passes, each padded to its own
+    longest completion) gives the log-probs of an ordinary right-padded forward pass over every
+    (clip, prompt, completion) row, for clips and completions of different lengths."""
     model, processor = tiny
     rng = np.random.default_rng(1)
-    audios = [(0.3 * rng.standard_normal(int(16_000 * s))).astype(np.float32) for s in (0.4, 1.5)]
-    prompts = ["short", "a somewhat longer prompt about the voice"]
-    comps = [[20, 21, 22, 23, 24], [30, 31], [40, 41, 42], [50]]  # G = 2 per prompt
+    audios = [(0.3 * rng.standard_normal(int(16_000 * s))).astype(np.float32) for s in (0.4, 1.5, 0.8)]
+    prompts = ["short", "a somewhat longer prompt about the voice", "a middle one"]
+    comps = [[20, 21, 22, 23, 24], [30, 31], [40, 41, 42], [50], [60, 61, 62, 63], [70]]  # G = 2 per prompt
     enc = encode_batch(processor, audios, prompts, padding_side="left")
     ids, mask = completion_tensors(comps, 0)
     args = (enc["input_ids"], enc["attention_mask"], enc["input_features"], enc["feature_attention_mask"], ids, mask)
-    logp, entropy = PolicyScorer(model, temperature=1.0)(*args)
+    logp, entropy = PolicyScorer(model, temperature=1.0, max_chunks=chunks)(*args)
     plain = encode_batch(processor, [a for a in audios for _ in range(2)], [p for p in prompts for _ in range(2)], comps)
     with torch.no_grad():
         lp = model(**{k: v for k, v in plain.items() if k != "labels"}).logits.log_softmax(-1)
@@ -249,15 +251,32 @@ def test_scorer_logprobs_equal_a_plain_forward(tiny):
         pos = (plain["labels"][i] != -100).nonzero().squeeze(-1)
         want = lp[i, pos - 1].gather(-1, torch.tensor(c).unsqueeze(-1)).squeeze(-1)
         assert torch.allclose(logp[i, : len(c)], want, atol=1e-4)
-    assert (entropy > 0).all()
+    assert (entropy[mask.bool()] > 0).all()
     # gradients reach the audio encoder through the shared prompt embeddings
     model.zero_grad()
     (logp * mask).sum().backward()
     assert model.model.audio_tower.conv1.weight.grad.abs().sum() > 0
     model.zero_grad()
     # temperature divides the logits: the scored distribution is the one sampled from
-    hot, _ = PolicyScorer(model, temperature=2.0)(*args)
+    hot, _ = PolicyScorer(model, temperature=2.0, max_chunks=chunks)(*args)
     assert not torch.allclose(hot, logp)
+
+
+def test_scorer_chunks_give_the_same_gradients(tiny):
+    model, processor = tiny
+    rng = np.random.default_rng(2)
+    audios = [(0.3 * rng.standard_normal(int(16_000 * s))).astype(np.float32) for s in (0.5, 1.2, 0.7, 0.9)]
+    enc = encode_batch(processor, audios, ["a", "bb bb", "ccc ccc ccc", "d"], padding_side="left")
+    ids, mask = completion_tensors([[5 + i] * n for i, n in enumerate([7, 1, 2, 2, 5, 3, 1, 1])], 0)  # G = 2
+    args = (enc["input_ids"], enc["attention_mask"], enc["input_features"], enc["feature_attention_mask"], ids, mask)
+    grads = []
+    for chunks in (1, 2, 4):
+        model.zero_grad()
+        logp, entropy = PolicyScorer(model, temperature=1.0, max_chunks=chunks)(*args)
+        ((logp + 0.1 * entropy) * mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    model.zero_grad()
+    assert all(torch.allclose(g, grads[0], atol=1e-5) for g in grads[1:])
 
 
 def test_scorer_shared_prompt_pass_equals_full_rows(tiny):

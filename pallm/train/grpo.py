@@ -330,17 +330,23 @@ class PolicyScorer(torch.nn.Module):
       with it on the full (prompt + completion) rows are run instead; both give the same numbers.
     - the LM head runs on completion positions only: a Qwen2-Audio vocabulary (152k) over every
       audio and prompt position would cost more memory than the 7B model itself.
+    - the groups are scored in up to `max_chunks` passes, groups of similar completion length
+      together, each padded only to its own longest completion (and prompt): a short classify
+      group no longer pads to the longest reply. On the tiny default, 2 chunks cut the update's
+      time by ~28 % (0.61 -> 0.44 s per micro-batch of 4 x 8); 4 were slower than 2.
 
     Layout: prompt left-padded (as at generation time), completion right-padded after it,
     positions counted over real tokens only -- so the log-probs are those of the distribution
     the tokens were sampled from (at `temperature`). Prompt tensors have B rows, completion
-    tensors B*G rows (group-major).
+    tensors B*G rows (group-major); the outputs are [B*G, completion width], 0 past each chunk's
+    width (padding only).
     """
 
-    def __init__(self, policy, temperature: float):
+    def __init__(self, policy, temperature: float, max_chunks: int = 2):
         super().__init__()
         self.policy = policy
         self.temperature = temperature
+        self.max_chunks = max_chunks
 
     def _base(self):
         return self.policy.get_base_model() if is_peft(self.policy) else self.policy
@@ -367,14 +373,36 @@ class PolicyScorer(torch.nn.Module):
     def forward(self, prompt_ids, prompt_mask, input_features, feature_attention_mask, completion_ids, completion_mask,
                 with_entropy: bool = True):
         base = self._base()
+        prompt_embeds = self._prompt_embeds(base.model, prompt_ids, prompt_mask, input_features, feature_attention_mask)
+        B = prompt_ids.shape[0]
+        G = completion_ids.shape[0] // B
+        if min(self.max_chunks, B) <= 1:
+            return self._score(base, prompt_embeds, prompt_mask, completion_ids, completion_mask, with_entropy)
+        longest = completion_mask.view(B, G, -1).sum(-1).amax(-1)  # each group's longest completion
+        width = completion_ids.shape[1]
+        logps, entropies, order = [], [], []
+        for groups in longest.argsort().chunk(self.max_chunks):
+            rows = (groups[:, None] * G + torch.arange(G, device=groups.device)).reshape(-1)
+            c = int(longest[groups].max())
+            p = int(prompt_mask[groups].sum(-1).max())  # prompts are left-padded: keep their last p columns
+            logp, entropy = self._score(base, prompt_embeds[groups, -p:], prompt_mask[groups, -p:],
+                                        completion_ids[rows, :c], completion_mask[rows, :c], with_entropy)
+            logps.append(torch.nn.functional.pad(logp, (0, width - c)))
+            if with_entropy:
+                entropies.append(torch.nn.functional.pad(entropy, (0, width - c)))
+            order.append(rows)
+        back = torch.cat(order).argsort()  # chunk order -> group-major order
+        return torch.cat(logps)[back], (torch.cat(entropies)[back] if with_entropy else None)
+
+    def _score(self, base, prompt_embeds, prompt_mask, completion_ids, completion_mask, with_entropy: bool):
+        """Log-probs (and entropies) of the completions after their prompts' embeddings."""
         core = base.model
         lm = core.language_model
-        G = completion_ids.shape[0] // prompt_ids.shape[0]
+        G = completion_ids.shape[0] // prompt_embeds.shape[0]
         mask = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask], 1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        prompt_embeds = self._prompt_embeds(core, prompt_ids, prompt_mask, input_features, feature_attention_mask)
         completion_embeds = core.get_input_embeddings()(completion_ids)
-        p, c = prompt_ids.shape[1], completion_ids.shape[1]
+        p, c = prompt_embeds.shape[1], completion_ids.shape[1]
         if (getattr(lm, "gradient_checkpointing", False) and lm.training) or G == 1:
             embeds = torch.cat([prompt_embeds.repeat_interleave(G, 0), completion_embeds], 1)
             hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
