@@ -537,9 +537,9 @@ def test_ddp_two_cpu_processes(corpus, tmp_path):
     script, out = tmp_path / "ddp.py", tmp_path / "run"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     out.mkdir()
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29517", str(script), str(corpus), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    config = Path(__file__).parents[1] / "configs" / "accelerate" / "ddp_cpu_2proc.yaml"  # the shipped one
+    cmd = [launcher, "launch", "--config_file", str(config), "--main_process_port", "29517", str(script), str(corpus), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1))
