@@ -17,7 +17,7 @@ from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor, Tem
 
 from pallm.errors import PallmError
 from pallm.model import banned_token_ids, encode_batch
-from pallm.model.batch import pad_token_id, prompt_position_ids
+from pallm.model.batch import prompt_position_ids
 from pallm.model.families import family_of
 
 
@@ -134,19 +134,18 @@ class HFBackend:
         if not prompts:
             return []
         model, G = self.model, num_generations
-        tok = self.processor.tokenizer
         batch = encode_batch(self.processor, audios, prompts, system=self.system,
                              max_audio_seconds=self.max_audio_seconds, padding_side="left").to(model.device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         # Left padding: positions count real tokens only, exactly as `generate` derives them. The
-        # Qwen2.5-Omni thinker (3-D multimodal RoPE) gets generate's [4, B, L] layout; passing it to
-        # generate as well keeps decoding off the model's cached `rope_deltas` (set per batch size).
+        # Qwen2.5-Omni thinker (3-D multimodal RoPE) gets generate's [4, B, L] layout; explicit ids
+        # at every step keep decoding off the model's cached `rope_deltas` (set per batch size).
         pos = prompt_position_ids(model, ids, mask, batch["feature_attention_mask"])
-        rope = {"position_ids": pos.repeat_interleave(G, 1)} if pos.dim() == 3 else {}
         was_training = model.training
         model.eval()
         try:
-            # Prefill all but the last prompt token: generate needs at least one new token to feed.
+            # Prefill all but the last prompt token, once per prompt; the decoding loop's first step
+            # feeds that token to all G copies.
             cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[..., :-1],
                           input_features=batch["input_features"], feature_attention_mask=batch["feature_attention_mask"],
                           use_cache=True).cache
