@@ -50,6 +50,7 @@ def check_hf_backend_decoding(model, processor, audios, prompts, monkeypatch, G:
     completion) at that position, banned tokens at zero. One prompt is made to stop early so the
     others decode on after it leaves the batch (positions, masks and cache of the rest must follow)."""
     from pallm.model import banned_token_ids, generate
+    from pallm.model.batch import IGNORE_INDEX
     from pallm.train import rollout
 
     _, ref = generate(model, processor, audios, prompts, max_new_tokens=max_new_tokens, return_ids=True)
@@ -74,5 +75,5 @@ def check_hf_backend_decoding(model, processor, audios, prompts, monkeypatch, G:
         live = [r for r in range(len(want)) if len(want[r]) > t]  # rows still decoding at step t, in order
         assert probs.shape[0] == len(live)
         for j, r in enumerate(live):
-            pos = (plain["labels"][r] != -100).nonzero().squeeze(-1)[t] - 1  # predicts completion token t
+            pos = (plain["labels"][r] != IGNORE_INDEX).nonzero().squeeze(-1)[t] - 1  # predicts completion token t
             assert torch.allclose(probs[j], (logits[r, pos] / temperature).softmax(-1), atol=1e-5)

@@ -68,7 +68,7 @@ def sample_tokens(probs: torch.Tensor) -> torch.Tensor:
     cdf = probs.double().cumsum(-1)
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
     idx = torch.searchsorted(cdf, u, right=True).squeeze(1)
-    # u < total always; the clamp only guards the rounding of that product
+    # u < total always; the fallback only guards the rounding of that product
     return torch.where(idx < probs.shape[1], idx, probs.argmax(-1))
 
 
@@ -155,4 +155,4 @@ class HFBackend:
                                 temperature, top_p, max_new_tokens)
         finally:
             model.train(was_training)
-        return cut_at_stop(rows, self._stop)
+        return rows  # each row already ends at its first stop token (it left the batch there)
