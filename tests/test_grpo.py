@@ -229,6 +229,28 @@ def test_sample_tokens_draws_from_the_distribution():
     assert (freq[probs == 0] == 0).all()  # zero-probability tokens are never drawn
 
 
+def test_reserved_cache_layer_follows_a_dynamic_layer():
+    """The decoding cache writes into reserved room instead of concatenating; through prefill,
+    repeats, steps, rows leaving and growth past the room it holds what a DynamicLayer holds."""
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    plain = DynamicLayer()
+    plain.update(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4))
+    plain.batch_repeat_interleave(3)
+    reserved = rollout._ReservedLayer(copy.deepcopy(plain), room=2)
+    steps = [None, torch.tensor([0, 2, 3, 5]), None, torch.tensor([1, 3])]  # 4 steps > room: it grows
+    for keep in steps:
+        if keep is not None:
+            plain.batch_select_indices(keep)
+            reserved.batch_select_indices(keep)
+        k, v = torch.randn(plain.keys.shape[0], 2, 1, 4), torch.randn(plain.keys.shape[0], 2, 1, 4)
+        want, got = plain.update(k, v), reserved.update(k, v)
+        assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+        assert reserved.get_seq_length() == plain.get_seq_length()
+    assert reserved.keys.shape == (2, 2, 9, 4)
+
+
 @pytest.mark.parametrize("chunks", [1, 2])
 def test_scorer_logprobs_equal_a_plain_forward(tiny, chunks):
     """The scorer's layout (each prompt encoded once, left-padded, shared by its G completions,
