@@ -150,8 +150,9 @@ class RunConfig(BaseModel):
     ablations: list[str] = ["no_cot", "single_task_rl"]
     ablation_steps: AblationSteps = Field(default_factory=AblationSteps)
     # Train the rows beside the main line (text-only LLM, ablations) in a second process while
-    # stage 1 and stage 2 train in this one: they are independent and each uses one thread, so on
-    # two cores the run takes ~3 minutes less. Same numbers either way (tests/test_cli.py).
+    # stage 1 and stage 2 train in this one: they are independent and each gets half the cores
+    # (unless `threads` is set), so on two cores the run takes ~3 minutes less. Same numbers
+    # either way (tests/test_cli.py).
     parallel_rows: bool = True
 
     @field_validator("baselines")
@@ -521,6 +522,10 @@ def run_pipeline(cfg: RunConfig, out: Path, say: Say, progress_factory, overwrit
     def stage(title: str, out_dir: Path, train: Callable[..., Any], kwargs: dict[str, Any], beside: bool) -> None:
         """Train one stage here (with a progress bar), or, for a row `beside` the main line, in the
         second process when there is one (collected by `wait_beside`)."""
+        if side is not None and kwargs["cfg"].threads is None:
+            # Two trainers at once: each takes half the cores. Both taking all of them, OpenMP
+            # spin-waits and each runs several times slower (docs/training.md, "Threads").
+            kwargs = {**kwargs, "cfg": kwargs["cfg"].model_copy(update={"threads": max(1, (os.cpu_count() or 2) // 2)})}
         if beside and side is not None and not _finished(out_dir):
             say(f"{title}: training in a second process")
             side_jobs[title] = side.submit(_timed, train, kwargs)

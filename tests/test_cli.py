@@ -88,9 +88,14 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
     assert "What each row is" in report
     # The rows beside the main line trained in a second process (2+ cores here); trained all in
     # one process instead, every checkpoint is bit-identical and so is every number.
+    # Two trainers at once share the cores: each gets half (the same thread count is given to the
+    # sequential run below, so that its numbers can be compared bit for bit).
+    half = max(1, os.cpu_count() // 2)
     if os.cpu_count() >= 2:
         assert "training in a second process" in r.output
-    r = _run("run", "--preset", "smoke", "--out", "seq", "parallel_rows=false")
+        for f in ("sft", "grpo", "text_llm", "ablations/single_task_rl"):
+            assert json.loads((run / f / "train_summary.json").read_text())["threads"] == half, f
+    r = _run("run", "--preset", "smoke", "--out", "seq", "parallel_rows=false", f"sft.threads={half}", f"grpo.threads={half}")
     assert r.exit_code == 0 and "second process" not in r.output, r.output
     for f in ("sft", "grpo", "text_llm", "ablations/no_cot", "ablations/single_task_rl"):
         assert (run / f / "model.safetensors").read_bytes() == (tmp_path / "seq" / f / "model.safetensors").read_bytes(), f

@@ -66,7 +66,8 @@ def seed_everything(seed: int) -> None:
 
 
 def set_threads(n: int | None) -> None:
-    """torch CPU threads (None: leave torch's default). Tiny models are fastest on 1 thread."""
+    """torch CPU threads (None: leave torch's default, which follows OMP_NUM_THREADS; `accelerate
+    launch` sets that to cores / processes). One thread is faster only when the cores are shared."""
     if n is not None:
         if n < 1:
             raise ConfigError(f"threads must be >= 1 (or null for torch's default), got {n}.")

@@ -93,7 +93,8 @@ class GRPOConfig(BestModelFields):
 
     # 400: on the tiny default, 200 steps moved the model off the words without teaching it to hear
     # better (congruent rows lost 6 points against stage 1 of the same budget, 3 seeds); by 400 it
-    # gains on both (docs/grpo.md, "Stage 2 against stage 1"), and fits in ~3 minutes here.
+    # gains on both (docs/grpo.md, "Stage 2 against stage 1"). Alone on a 2-core CPU: 209 s on
+    # 2026-11-30's machine, ~400 s on a slower one (docs/grpo.md, "Where the time goes").
     steps: int = Field(400, ge=1, description="optimizer steps (TRL max_steps)")
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "constant_with_warmup"
@@ -146,7 +147,8 @@ class GRPOConfig(BestModelFields):
     eval_every: int = Field(50, ge=0, description="dev evaluation (classify) every N steps and at the end; 0 = off")
     eval_rows: int = Field(64, ge=1)
     eval_batch_size: int = Field(32, ge=1)
-    threads: int | None = Field(1, description="torch CPU threads per process; null = torch default")
+    threads: int | None = Field(None, description="torch CPU threads per process; null = torch's default "
+                                 "(OMP_NUM_THREADS, which accelerate launch sets to cores / processes; else every core)")
     seed: int | None = Field(None, description="overrides the run seed when set")
     mixed_precision: Literal["no", "bf16", "auto"] = "auto"
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -1034,6 +1036,7 @@ def train_grpo(
             "train_rows": len(train_rows),
             "trainable_parameters": trainable_parameters(policy),
             "processes": world,
+            "threads": torch.get_num_threads(),  # per process
             "dev_curve": dev_curve,
         }
         return finish_run(accelerator, policy, processor, out, meta, summary, ("dev_curve", "final"), best=best,

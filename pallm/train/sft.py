@@ -97,7 +97,8 @@ class SFTConfig(BestModelFields):
     eval_batch_size: int = Field(32, ge=1)
     eval_max_new_tokens: int = Field(96, ge=1)
     mixed_precision: Literal["no", "bf16", "auto"] = "auto"  # auto: bf16 on GPUs that support it
-    threads: int | None = Field(1, description="torch CPU threads per process; null = torch default")
+    threads: int | None = Field(None, description="torch CPU threads per process; null = torch's default "
+                                 "(OMP_NUM_THREADS, which accelerate launch sets to cores / processes; else every core)")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     freeze_audio_encoder: bool = False
     gradient_checkpointing: bool = False
@@ -369,6 +370,7 @@ def train_sft(
             "epochs": consumed / stream.n,
             "trainable_parameters": n_trainable,
             "processes": world,
+            "threads": torch.get_num_threads(),  # per process
             "dev_curve": dev_curve,
             "audio_cache_mb": round(cache.nbytes / 2**20, 1),
         }
