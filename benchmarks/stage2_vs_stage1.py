@@ -20,6 +20,8 @@ Every model is evaluated with `pallm eval` (greedy) on the ParaSynth test split.
 congruent / conflict rows per seed, the means, and the issue's three checks:
 conflict(grpo) - conflict(sft_long) >= +8 points, congruent(grpo) >= congruent(sft_long) - 2, and
 UA all(grpo) >= UA all(grpo_single) (classification). Finished steps are reused, so an interrupted run resumes.
+Several processes at once (e.g. one per seed) on a small CPU: add `sft.threads=1 grpo.threads=1`, or
+each trainer takes every core and they spin-wait on each other (docs/training.md, "Threads").
 Prints numbers; it is not a test.
 """
 
