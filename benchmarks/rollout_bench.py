@@ -114,5 +114,6 @@ def main() -> None:
         out[f"speedup{at}"] = out[f"generate{at}"]["s_per_batch"] / out[f"backend{at}"]["s_per_batch"]
     print(json.dumps(out, indent=2))
 
+
 if __name__ == "__main__":
     main()

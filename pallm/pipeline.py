@@ -515,8 +515,9 @@ def run_pipeline(cfg: RunConfig, out: Path, say: Say, progress_factory, overwrit
                 train(progress=lambda s, n, m: cb(s, n))
         times[title] = time.perf_counter() - t0
 
+    cores = os.cpu_count() or 1
     side = (ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-            if cfg.parallel_rows and (os.cpu_count() or 1) >= 2 else None)
+            if cfg.parallel_rows and cores >= 2 else None)
     side_jobs: dict[str, Future] = {}
 
     def stage(title: str, out_dir: Path, train: Callable[..., Any], kwargs: dict[str, Any], beside: bool) -> None:
@@ -525,7 +526,7 @@ def run_pipeline(cfg: RunConfig, out: Path, say: Say, progress_factory, overwrit
         if side is not None and kwargs["cfg"].threads is None:
             # Two trainers at once: each takes half the cores. Both taking all of them, OpenMP
             # spin-waits and each runs several times slower (docs/training.md, "Threads").
-            kwargs = {**kwargs, "cfg": kwargs["cfg"].model_copy(update={"threads": max(1, (os.cpu_count() or 2) // 2)})}
+            kwargs = {**kwargs, "cfg": kwargs["cfg"].model_copy(update={"threads": cores // 2})}
         if beside and side is not None and not _finished(out_dir):
             say(f"{title}: training in a second process")
             side_jobs[title] = side.submit(_timed, train, kwargs)

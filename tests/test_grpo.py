@@ -237,8 +237,9 @@ def test_reserved_cache_layer_follows_a_dynamic_layer():
     torch.manual_seed(0)
     plain = DynamicLayer()
     plain.update(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4))
-    plain.batch_repeat_interleave(3)
     reserved = rollout._ReservedLayer(copy.deepcopy(plain), room=2)
+    plain.batch_repeat_interleave(3)
+    reserved.batch_repeat_interleave(3)
     steps = [None, torch.tensor([0, 2, 3, 5]), None, torch.tensor([1, 3])]  # 4 steps > room: it grows
     for keep in steps:
         if keep is not None:

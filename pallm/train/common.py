@@ -259,6 +259,11 @@ def is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def base_model(model):
+    """The transformers model under a PEFT wrapper (LoRA layers stay injected in it), else `model`."""
+    return model.get_base_model() if is_peft(model) else model
+
+
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

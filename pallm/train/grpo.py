@@ -47,6 +47,7 @@ from pallm.train.common import (
     LoraSettings,
     RunLogger,
     apply_lora,
+    base_model,
     check_resume,
     clear_run,
     dev_record,
@@ -351,7 +352,7 @@ class PolicyScorer(torch.nn.Module):
         self.max_chunks = max_chunks
 
     def _base(self):
-        return self.policy.get_base_model() if is_peft(self.policy) else self.policy
+        return base_model(self.policy)
 
     def _prompt_embeds(self, core, prompt_ids, prompt_mask, input_features, feature_attention_mask):
         """The model's own audio+text merge for the prompts, captured where it enters the language

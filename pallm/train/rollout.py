@@ -20,7 +20,7 @@ from pallm.errors import PallmError
 from pallm.model import banned_token_ids, encode_batch
 from pallm.model.batch import prompt_position_ids
 from pallm.model.families import family_of
-from pallm.train.common import is_peft
+from pallm.train.common import base_model
 
 
 @runtime_checkable
@@ -162,7 +162,7 @@ class HFBackend:
             processors.append(TopPLogitsWarper(top_p))
         # Steps carry no audio: run the language model and the LM head directly (the multimodal
         # wrapper only passes them through, and its per-call overhead is felt on a small model).
-        base = model.get_base_model() if is_peft(model) else model
+        base = base_model(model)
         lm, head = base.model.language_model, base.get_output_embeddings()
         # SDPA takes a boolean [rows, 1, 1, keys] padding mask as it is; one query per row needs no
         # causal part, so building it here skips transformers' general mask builder at every step.

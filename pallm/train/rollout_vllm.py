@@ -39,7 +39,7 @@ import torch
 from pallm.errors import PallmError
 from pallm.model.batch import banned_token_ids, clips_of, prepare_audio
 from pallm.model.families import family_of
-from pallm.train.common import is_peft
+from pallm.train.common import base_model, is_peft
 from pallm.train.rollout import cut_at_stop, stop_token_ids
 
 BANNED_LOGIT_BIAS = -100.0  # vLLM clamps logit_bias to [-100, 100] (OpenAI's range): e^-100 ~ never sampled
@@ -191,7 +191,7 @@ def iter_vllm_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
             plain = (name.removeprefix("base_model.model.").replace(".base_layer", "")
                      .replace(f".modules_to_save.{adapter}.", "."))
         params.append((plain, name, p))
-    saved = checkpoint_names(model.get_base_model() if peft else model, [plain for plain, _, _ in params])
+    saved = checkpoint_names(base_model(model), [plain for plain, _, _ in params])
     for plain, name, p in params:  # one tensor at a time: merged LoRA weights are never all in memory
         t = p.detach()
         if peft and name.endswith(".base_layer.weight"):
