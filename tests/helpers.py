@@ -77,3 +77,9 @@ def check_hf_backend_decoding(model, processor, audios, prompts, monkeypatch, G:
         for j, r in enumerate(live):
             pos = (plain["labels"][r] != IGNORE_INDEX).nonzero().squeeze(-1)[t] - 1  # predicts completion token t
             assert torch.allclose(probs[j], (logits[r, pos] / temperature).softmax(-1), atol=1e-5)
+
+    # Rollouts run in inference mode: nothing they leave on the model (a buffer cached on the way)
+    # may be an inference tensor, or the update that follows could not backpropagate through it.
+    assert not any(t.is_inference() for t in [*model.parameters(), *model.buffers()])
+    model(**plain).loss.backward()
+    model.zero_grad()

@@ -190,7 +190,10 @@ class HFBackend:
             step, mask, pos = nxt[:, None], torch.cat([mask, mask.new_ones(mask.shape[0], 1)], -1), pos + 1
         return rows
 
-    @torch.no_grad()
+    # Inference mode, not just no_grad: no version counters or view tracking on the many small
+    # tensors a decoding step makes (a tiny model's rollout on one CPU thread: 7 % faster; on two,
+    # the same). Nothing made here reaches autograd: rows leave as Python lists, the cache is dropped.
+    @torch.inference_mode()
     def generate(self, audios, prompts, num_generations, temperature, top_p, max_new_tokens) -> list[list[int]]:
         if temperature <= 0:
             raise PallmError(f"temperature must be > 0 for GRPO sampling, got {temperature}.")
