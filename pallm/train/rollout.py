@@ -165,15 +165,16 @@ class HFBackend:
         base = base_model(model)
         lm, head = base.model.language_model, base.get_output_embeddings()
         # SDPA takes a boolean [rows, 1, 1, keys] padding mask as it is; one query per row needs no
-        # causal part, so building it here skips transformers' general mask builder at every step.
-        as_sdpa_mask = lm.config._attn_implementation == "sdpa"
+        # causal part, so giving it that form once skips transformers' general mask builder at every
+        # step. The mask grows by one key per step in whichever form it has.
+        if lm.config._attn_implementation == "sdpa":
+            mask = mask[:, None, None, :].bool()
         stop = torch.tensor(self._stop, device=last.device)
         rows: list[list[int]] = [[] for _ in range(last.shape[0])]
         live = torch.arange(last.shape[0], device=last.device)  # original row of each batch row
         step = last
         for _ in range(max_new_tokens):
-            step_mask = mask[:, None, None, :].bool() if as_sdpa_mask else mask
-            hidden = lm(input_ids=step, attention_mask=step_mask, position_ids=pos, cache=cache, use_cache=True).last_hidden_state
+            hidden = lm(input_ids=step, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).last_hidden_state
             scores = head(hidden[:, -1]).float()
             for process in processors:  # LogitsProcessorList's call inspects signatures every step
                 scores = process(step, scores)
@@ -187,7 +188,7 @@ class HFBackend:
                 keep = going.nonzero().squeeze(1)
                 live, nxt, mask, pos = live[keep], nxt[keep], mask[keep], pos.index_select(pos.dim() - 2, keep)
                 cache.batch_select_indices(keep)
-            step, mask, pos = nxt[:, None], torch.cat([mask, mask.new_ones(mask.shape[0], 1)], -1), pos + 1
+            step, mask, pos = nxt[:, None], torch.cat([mask, mask.new_ones(*mask.shape[:-1], 1)], -1), pos + 1
         return rows
 
     # Inference mode, not just no_grad: no version counters or view tracking on the many small
