@@ -78,6 +78,13 @@ def check_hf_backend_decoding(model, processor, audios, prompts, monkeypatch, G:
             pos = (plain["labels"][r] != IGNORE_INDEX).nonzero().squeeze(-1)[t] - 1  # predicts completion token t
             assert torch.allclose(probs[j], (logits[r, pos] / temperature).softmax(-1), atol=1e-5)
 
+    # Prompts encoded by the caller (the trainer hands over the encoding its update uses) are what is
+    # decoded: given the prompts' encoding in reverse order, the groups come out reversed.
+    encoded = encode_batch(processor, audios[::-1], prompts[::-1], padding_side="left")
+    groups = [want[i:i + G] for i in range(0, len(want), G)]
+    assert backend.generate(audios, prompts, G, temperature, 1.0, max_new_tokens, prompt_inputs=encoded) == \
+        [r for g in groups[::-1] for r in g]
+
     # Rollouts run in inference mode: nothing they leave on the model (a buffer cached on the way)
     # may be an inference tensor, or the update that follows could not backpropagate through it.
     assert not any(t.is_inference() for t in [*model.parameters(), *model.buffers()])

@@ -424,6 +424,50 @@ def test_zero_variance_groups_counted_and_refilled(tiny, corpus, tmp_path):
     assert sum(r["zero_var_frac"] for r in logs) < sum(r["zero_var_frac_sampled"] for r in logs)
 
 
+def test_prompts_encoded_once_and_scored_as_sampled(tiny, corpus, tmp_path, monkeypatch):
+    """The trainer encodes a prompt batch once: its backend decodes from that encoding (it never
+    encodes again), and the update scores the prompts the completions were sampled for, also when
+    dynamic sampling replaced some of them."""
+    from pallm.train import grpo as grpo_module
+    from pallm.train import rollout as rollout_module
+
+    from pallm.evaluate.predict import row_audio
+
+    encoded: dict[int, tuple] = {}  # id of an encoding's input_ids -> the (clips, prompts) encoded
+    real_encode, real_micro = grpo_module.encode_batch, grpo_module.MicroBatch
+
+    def recording_encode(processor, audios, prompts, *args, **kwargs):
+        enc = real_encode(processor, audios, prompts, *args, **kwargs)
+        encoded[id(enc["input_ids"])] = (list(audios), list(prompts))
+        return enc
+
+    built = []
+
+    def recording_micro(*args, **kwargs):
+        m = real_micro(*args, **kwargs)
+        built.append((m, encoded.get(id(m.prompt["prompt_ids"]))))
+        return m
+
+    def encoded_again(*args, **kwargs):
+        raise AssertionError("the backend encoded prompts the trainer had encoded")
+
+    monkeypatch.setattr(grpo_module, "encode_batch", recording_encode)
+    monkeypatch.setattr(grpo_module, "MicroBatch", recording_micro)
+    monkeypatch.setattr(rollout_module, "encode_batch", encoded_again)
+
+    def neutral_is_flat(prompts, completions, **kw):
+        return [0.5 if s == "neutral" else v for s, v in zip(kw["sentiment"], text_hash_reward(prompts, completions))]
+
+    cfg = small(steps=3, reward_funcs=["flat"], task_weights={"classify": 1.0}, dynamic_sampling=True,
+                dynamic_sampling_max_tries=3)
+    train_grpo(cfg, PromptConfig(), corpus, (copy.deepcopy(tiny[0]), tiny[1]), tmp_path / "r", reward_fns={"flat": neutral_is_flat})
+    assert sum(r["refilled_groups"] for r in log_records(tmp_path / "r")) > 0, "the run must replace some prompts"
+    assert len(built) == 3
+    for m, (clips, prompts) in built:  # (prompt texts can repeat; the clips tell the rows apart)
+        assert prompts == [e.prompt for e in m.examples]
+        assert all(np.array_equal(c, row_audio(e.row)) for c, e in zip(clips, m.examples))
+
+
 def test_constant_reward_gives_no_update(tiny, corpus, tmp_path):
     """Every group zero-variance: advantages are 0, so is the gradient; the weights do not move."""
     model = copy.deepcopy(tiny[0])

@@ -756,22 +756,31 @@ def train_grpo(
         """What the model hears for each prompt (its clip, or speaker reference + clip), decoded once."""
         return [model_audio(e.row, prompt_cfg, cache.get, cache.get) for e in examples]
 
-    def prompt_tensors(examples: list[Example]) -> dict[str, torch.Tensor]:
+    def encode_prompts(examples: list[Example]):
         """Prompt inputs, once per prompt (the scorer shares them across the group)."""
-        enc = encode_batch(processor, heard(examples), [e.prompt for e in examples], padding_side="left")
+        return encode_batch(processor, heard(examples), [e.prompt for e in examples], padding_side="left")
+
+    def prompt_tensors(enc) -> dict[str, torch.Tensor]:
         return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"],
                 "input_features": enc["input_features"], "feature_attention_mask": enc["feature_attention_mask"]}
 
-    def sample(examples: list[Example]) -> tuple[list[list[int]], list[str], torch.Tensor, float, float]:
+    # Our own backend encodes prompts exactly as `encode_prompts` does: it is handed that encoding, so
+    # features and chat templates are made once per step, not once for sampling and once for the update.
+    share_encoding = isinstance(rollout, HFBackend) and rollout.system is None and rollout.max_audio_seconds is None
+
+    def sample(examples: list[Example]):
+        """Completions, their texts and rewards, and the prompts' encoding (for the update)."""
         t0 = time.perf_counter()
+        enc = encode_prompts(examples)
+        share = {"prompt_inputs": enc} if share_encoding else {}
         with accelerator.autocast():  # sample at the precision the update computes log-probs in
             ids = rollout.generate(heard(examples), [e.prompt for e in examples], G,
-                                   cfg.temperature, cfg.top_p, cfg.max_completion_length)
+                                   cfg.temperature, cfg.top_p, cfg.max_completion_length, **share)
         ids = cut_at_stop(ids, stop_ids)
         t1 = time.perf_counter()
         texts = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
         rewards = score_rewards(fns, examples, texts, ids, G, prompt_cfg, labels)
-        return ids, texts, rewards, t1 - t0, time.perf_counter() - t1
+        return ids, texts, rewards, enc, t1 - t0, time.perf_counter() - t1
 
     def group_zero_var(rewards: torch.Tensor) -> list[int]:
         return [i for i, z in enumerate(compute_advantages(rewards, w_rewards, G)[2].tolist()) if z]
@@ -783,7 +792,7 @@ def train_grpo(
         zero_first, refilled = 0, 0
         for _ in range(GA):
             examples = sampler.draw(B * world)[rank * B:(rank + 1) * B]
-            ids, texts, rewards, tg, tr = sample(examples)
+            ids, texts, rewards, enc, tg, tr = sample(examples)
             t["generate"] += tg
             t["reward"] += tr
             zero = group_zero_var(rewards)
@@ -795,7 +804,7 @@ def train_grpo(
                 fresh = sampler.draw(sum(counts))  # same draws on every process; each takes its share
                 mine = fresh[sum(counts[:rank]): sum(counts[:rank]) + len(zero)]
                 if mine:
-                    n_ids, n_texts, n_rewards, tg, tr = sample(mine)
+                    n_ids, n_texts, n_rewards, _, tg, tr = sample(mine)
                     t["generate"] += tg
                     t["reward"] += tr
                     for k, (gi, ex) in enumerate(zip(zero, mine)):
@@ -804,9 +813,11 @@ def train_grpo(
                         ids[sl], texts[sl] = n_ids[k * G:(k + 1) * G], n_texts[k * G:(k + 1) * G]
                         rewards[sl] = n_rewards[k * G:(k + 1) * G]
                     refilled += len(mine)
+                    enc = None  # some prompts were replaced
                 zero = group_zero_var(rewards)
             c_ids, c_mask = completion_tensors(ids, pad_id)
-            micro.append(MicroBatch(examples, ids, texts, rewards, prompt_tensors(examples), c_ids, c_mask))
+            enc = enc if enc is not None else encode_prompts(examples)
+            micro.append(MicroBatch(examples, ids, texts, rewards, prompt_tensors(enc), c_ids, c_mask))
 
         # Batch-level statistics need every process's rewards; groups never straddle processes.
         local = torch.cat([m.rewards for m in micro])
@@ -901,7 +912,7 @@ def train_grpo(
             c_ids, c_mask = completion_tensors(
                 [processor.tokenizer(e.target + family_of(processor).end_of_turn, add_special_tokens=False)["input_ids"]
                  for e in chunk], pad_id)
-            inputs = {**{k: v.to(device) for k, v in prompt_tensors(chunk).items()},
+            inputs = {**{k: v.to(device) for k, v in prompt_tensors(encode_prompts(chunk)).items()},
                       "completion_ids": c_ids.to(device), "completion_mask": c_mask.to(device)}
             with accelerator.no_sync(scorer):  # the RL pass's last backward all-reduces both
                 logp, _ = scorer(**inputs, with_entropy=False)

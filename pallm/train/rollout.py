@@ -195,14 +195,20 @@ class HFBackend:
     # tensors a decoding step makes (a tiny model's rollout on one CPU thread: 7 % faster; on two,
     # the same). Nothing made here reaches autograd: rows leave as Python lists, the cache is dropped.
     @torch.inference_mode()
-    def generate(self, audios, prompts, num_generations, temperature, top_p, max_new_tokens) -> list[list[int]]:
+    def generate(self, audios, prompts, num_generations, temperature, top_p, max_new_tokens, *,
+                 prompt_inputs=None) -> list[list[int]]:
+        """`prompt_inputs`: these prompts already encoded, left-padded, as this backend would
+        (`encode_batch(processor, audios, prompts, system=..., max_audio_seconds=..., padding_side="left")`);
+        the trainer passes the encoding its update uses, so features and chat template are made once."""
         if temperature <= 0:
             raise PallmError(f"temperature must be > 0 for GRPO sampling, got {temperature}.")
         if not prompts:
             return []
         model, G = self.model, num_generations
-        batch = encode_batch(self.processor, audios, prompts, system=self.system,
-                             max_audio_seconds=self.max_audio_seconds, padding_side="left").to(model.device)
+        if prompt_inputs is None:
+            prompt_inputs = encode_batch(self.processor, audios, prompts, system=self.system,
+                                         max_audio_seconds=self.max_audio_seconds, padding_side="left")
+        batch = {k: v.to(model.device) for k, v in prompt_inputs.items()}  # a copy: the caller keeps its own
         ids, mask = batch["input_ids"], batch["attention_mask"]
         # Left padding: positions count real tokens only, exactly as `generate` derives them. The
         # Qwen2.5-Omni thinker (3-D multimodal RoPE) gets generate's [4, B, L] layout; explicit ids
