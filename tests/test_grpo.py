@@ -83,6 +83,11 @@ def text_hash_reward(prompts, completions, **kw):
     return [int(hashlib.sha1(c.encode()).hexdigest()[:6], 16) / 16**6 for c in completions]
 
 
+def neutral_is_flat(prompts, completions, **kw):
+    """`text_hash_reward`, except that groups of neutral rows all get 0.5: zero-variance groups."""
+    return [0.5 if s == "neutral" else v for s, v in zip(kw["sentiment"], text_hash_reward(prompts, completions))]
+
+
 def log_records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
 
@@ -398,14 +403,13 @@ def test_grpo_increases_a_learnable_reward(answering, corpus, tmp_path):
 def test_zero_variance_groups_counted_and_refilled(tiny, corpus, tmp_path):
     seen: list[list[str]] = []  # row ids per reward call, one per group
 
-    def neutral_is_flat(prompts, completions, **kw):
-        ids = kw["id"]
-        seen.append(ids[::4])
-        return [0.5 if s == "neutral" else v for s, v in zip(kw["sentiment"], text_hash_reward(prompts, completions))]
+    def flat_seen(prompts, completions, **kw):
+        seen.append(kw["id"][::4])
+        return neutral_is_flat(prompts, completions, **kw)
 
     rows = {r.id: r for r in read_manifest(corpus)}
     cfg = small(steps=3, reward_funcs=["flat"], task_weights={"classify": 1.0})
-    train_grpo(cfg, PromptConfig(), corpus, (copy.deepcopy(tiny[0]), tiny[1]), tmp_path / "a", reward_fns={"flat": neutral_is_flat})
+    train_grpo(cfg, PromptConfig(), corpus, (copy.deepcopy(tiny[0]), tiny[1]), tmp_path / "a", reward_fns={"flat": flat_seen})
     logs = log_records(tmp_path / "a")
     for rec, ids in zip(logs, seen):  # one reward call per step without dynamic sampling
         flat = sum(rows[i].sentiment == "neutral" for i in ids) / len(ids)
@@ -415,7 +419,7 @@ def test_zero_variance_groups_counted_and_refilled(tiny, corpus, tmp_path):
 
     seen.clear()
     cfg = small(steps=3, reward_funcs=["flat"], task_weights={"classify": 1.0}, dynamic_sampling=True, dynamic_sampling_max_tries=3)
-    train_grpo(cfg, PromptConfig(), corpus, (copy.deepcopy(tiny[0]), tiny[1]), tmp_path / "b", reward_fns={"flat": neutral_is_flat})
+    train_grpo(cfg, PromptConfig(), corpus, (copy.deepcopy(tiny[0]), tiny[1]), tmp_path / "b", reward_fns={"flat": flat_seen})
     logs = log_records(tmp_path / "b")
     assert sum(r["refilled_groups"] for r in logs) > 0
     assert len(seen) > 3  # refills re-sampled
@@ -428,10 +432,9 @@ def test_prompts_encoded_once_and_scored_as_sampled(tiny, corpus, tmp_path, monk
     """The trainer encodes a prompt batch once: its backend decodes from that encoding (it never
     encodes again), and the update scores the prompts the completions were sampled for, also when
     dynamic sampling replaced some of them."""
+    from pallm.evaluate.predict import row_audio
     from pallm.train import grpo as grpo_module
     from pallm.train import rollout as rollout_module
-
-    from pallm.evaluate.predict import row_audio
 
     encoded: dict[int, tuple] = {}  # id of an encoding's input_ids -> the (clips, prompts) encoded
     real_encode, real_micro = grpo_module.encode_batch, grpo_module.MicroBatch
@@ -454,9 +457,6 @@ def test_prompts_encoded_once_and_scored_as_sampled(tiny, corpus, tmp_path, monk
     monkeypatch.setattr(grpo_module, "encode_batch", recording_encode)
     monkeypatch.setattr(grpo_module, "MicroBatch", recording_micro)
     monkeypatch.setattr(rollout_module, "encode_batch", encoded_again)
-
-    def neutral_is_flat(prompts, completions, **kw):
-        return [0.5 if s == "neutral" else v for s, v in zip(kw["sentiment"], text_hash_reward(prompts, completions))]
 
     cfg = small(steps=3, reward_funcs=["flat"], task_weights={"classify": 1.0}, dynamic_sampling=True,
                 dynamic_sampling_max_tries=3)
