@@ -756,9 +756,12 @@ def train_grpo(
         """What the model hears for each prompt (its clip, or speaker reference + clip), decoded once."""
         return [model_audio(e.row, prompt_cfg, cache.get, cache.get) for e in examples]
 
-    def encode_prompts(examples: list[Example]):
+    def audio_and_prompts(examples: list[Example]) -> tuple[list, list[str]]:
+        return heard(examples), [e.prompt for e in examples]
+
+    def encode_prompts(audios: list, prompts: list[str]):
         """Prompt inputs, once per prompt (the scorer shares them across the group)."""
-        return encode_batch(processor, heard(examples), [e.prompt for e in examples], padding_side="left")
+        return encode_batch(processor, audios, prompts, padding_side="left")
 
     def prompt_tensors(enc) -> dict[str, torch.Tensor]:
         return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"],
@@ -771,10 +774,11 @@ def train_grpo(
     def sample(examples: list[Example]):
         """Completions, their texts and rewards, and the prompts' encoding (for the update)."""
         t0 = time.perf_counter()
-        enc = encode_prompts(examples)
+        audios, prompts = audio_and_prompts(examples)
+        enc = encode_prompts(audios, prompts)
         share = {"prompt_inputs": enc} if share_encoding else {}
         with accelerator.autocast():  # sample at the precision the update computes log-probs in
-            ids = rollout.generate(heard(examples), [e.prompt for e in examples], G,
+            ids = rollout.generate(audios, prompts, G,
                                    cfg.temperature, cfg.top_p, cfg.max_completion_length, **share)
         ids = cut_at_stop(ids, stop_ids)
         t1 = time.perf_counter()
@@ -816,7 +820,7 @@ def train_grpo(
                     enc = None  # some prompts were replaced
                 zero = group_zero_var(rewards)
             c_ids, c_mask = completion_tensors(ids, pad_id)
-            enc = enc if enc is not None else encode_prompts(examples)
+            enc = enc if enc is not None else encode_prompts(*audio_and_prompts(examples))
             micro.append(MicroBatch(examples, ids, texts, rewards, prompt_tensors(enc), c_ids, c_mask))
 
         # Batch-level statistics need every process's rewards; groups never straddle processes.
@@ -912,7 +916,7 @@ def train_grpo(
             c_ids, c_mask = completion_tensors(
                 [processor.tokenizer(e.target + family_of(processor).end_of_turn, add_special_tokens=False)["input_ids"]
                  for e in chunk], pad_id)
-            inputs = {**{k: v.to(device) for k, v in prompt_tensors(encode_prompts(chunk)).items()},
+            inputs = {**{k: v.to(device) for k, v in prompt_tensors(encode_prompts(*audio_and_prompts(chunk))).items()},
                       "completion_ids": c_ids.to(device), "completion_mask": c_mask.to(device)}
             with accelerator.no_sync(scorer):  # the RL pass's last backward all-reduces both
                 logp, _ = scorer(**inputs, with_entropy=False)
