@@ -1,5 +1,5 @@
 r"""Uniform weight average of kept checkpoints ("model soup" of one run), written as a model folder
-that `pallm eval` reads. Exploratory tool behind docs/grpo.md's eleventh look: stage 2 oscillates
+that `pallm eval` reads. Exploratory tool behind docs/stage2_experiments.md's eleventh look: stage 2 oscillates
 between checkpoints, and the average of the last few is steadier than any one of them.
 
     python benchmarks/average_checkpoints.py runs/e16/seed45/soup_grpo \

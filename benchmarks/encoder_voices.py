@@ -10,7 +10,7 @@ the speech LLM's), mean-pooled over the clip, with a linear head, trained with c
 voice emotion of ParaSynth's train split and scored (UA) on its test split, whose speakers never
 occur in train. If this fails, no prompt, chain-of-thought or RL recipe on top of it can succeed:
 the model cannot hear the voice of a new speaker. Train and test UA side by side show whether the
-gap is memorised voices (docs/grpo.md, "Where the hearing is lost"). `--save` keeps each trained
+gap is memorised voices (docs/stage2_experiments.md, "Where the hearing is lost"). `--save` keeps each trained
 model (its encoder warmed up, the rest as initialised, the tokenizer stage 1 would train) as a
 checkpoint that stage 1 can start from: `benchmarks/stage2_vs_stage1.py --sft-init 'runs/warm/seed{seed}'`.
 `--speaker-norm` feeds the encoder what `prompt.speaker_norm` does: each clip's log-mel with its

@@ -11,7 +11,7 @@
    claim is the majority one among outputs with the same cue claims; 1.0 = the model names the
    emotion from its own claims, not from the audio). Recall per voice emotion of claim and answer.
 
-Prints numbers; it is not a test (docs/grpo.md, "Where the hearing is lost").
+Prints numbers; it is not a test (docs/stage2_experiments.md, "Where the hearing is lost").
 """
 
 from __future__ import annotations

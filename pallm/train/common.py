@@ -490,7 +490,7 @@ class BestModelFields(BaseModel):
     greater_is_better: bool | None = Field(None, description="null: true, except for follows_words_rate")
     # Publish the uniform weight average of the last N step checkpoints (the final step is saved as
     # one) instead of the last step; 1 = the last step. Why: RL oscillates between checkpoints
-    # (docs/grpo.md, eleventh look); their average is steadier than any one of them.
+    # (docs/stage2_experiments.md, eleventh look); their average is steadier than any one of them.
     average_last_checkpoints: int = Field(1, ge=1)
 
     @model_validator(mode="after")

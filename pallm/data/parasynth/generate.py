@@ -55,7 +55,7 @@ class SynthConfig(BaseModel):
     # factors' distance from 1): the corpus's difficulty dial. 1 = styles.yaml as written. At 1 the
     # voice is barely recoverable from ONE clip (speakers differ more than styles do: eGeMAPS + LR
     # without speaker normalisation 0.64 UA), so no single-clip model can follow it; at 1.6 that
-    # is 0.78 while the words still pull a transcript-reading model off (docs/grpo.md).
+    # is 0.78 while the words still pull a transcript-reading model off (docs/stage2_experiments.md).
     style_strength: float = Field(1.6, gt=0.0, le=3.0)
     workers: int = Field(2, ge=1)
 
